@@ -1,0 +1,5 @@
+import sys
+
+from duo.cli.main import main
+
+sys.exit(main())

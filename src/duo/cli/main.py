@@ -1,0 +1,66 @@
+"""`duo` command: one sub-command per module in this package; each module is thin over the library."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+import warnings
+
+from duo.errors import UserError
+
+# Each module defines add_parser(subparsers) and sets `func` on its parser.
+COMMANDS = ["curate", "train", "sample", "demo", "shapes"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="duo",
+        description="Remove a concept from a text-to-image diffusion model with DUO, attack it, measure it.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"duo.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"duo.cli.{name}":
+                raise
+            continue
+        module.add_parser(sub)
+    return parser
+
+
+def quiet_libraries() -> None:
+    """Our own progress bars and messages are what a user should read, not the libraries' chatter."""
+    for var in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
+        os.environ.setdefault(var, "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    quiet_libraries()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        result = args.func(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; finished items are kept and a rerun resumes.", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Concepts: what to erase, as a YAML file (built-in presets live in duo/concepts/)."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import string
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+from duo.errors import UserError
+
+PRESETS = Path(__file__).resolve().parent.parent / "concepts"
+TOP_KEYS = {"name", "description", "judge", "judge_options", "strength", "guidance", "steps", "resolution",
+            "unsafe_words", "neighbours", "parts", "train"}
+PART_KEYS = {"name", "pairs", "unsafe", "safe", "vars", "strength"}
+
+
+@dataclass
+class ConceptPart:
+    name: str
+    pairs: int
+    unsafe: str  # template, e.g. "a naked {race} woman, realistic photo"
+    safe: str
+    vars: dict[str, list[str]] = field(default_factory=dict)
+    strength: float | None = None  # overrides the concept's SDEdit strength
+
+    def prompt_pairs(self, seed: int) -> list[tuple[str, str]]:
+        """(unsafe, safe) prompt of every pair: the variable combinations, shuffled once, then cycled."""
+        keys = sorted(self.vars)
+        combos = [dict(zip(keys, values)) for values in itertools.product(*(self.vars[k] for k in keys))]
+        random.Random(f"{seed}-{self.name}").shuffle(combos)
+        combos = combos or [{}]
+        return [(self.unsafe.format(**c), self.safe.format(**c)) for c in itertools.islice(itertools.cycle(combos), self.pairs)]
+
+
+@dataclass
+class Concept:
+    name: str
+    parts: list[ConceptPart]
+    description: str = ""
+    judge: str = "none"
+    judge_options: dict = field(default_factory=dict)
+    strength: float = 0.75
+    guidance: float = 7.5
+    steps: int = 50
+    resolution: int | None = None
+    unsafe_words: list[str] = field(default_factory=list)
+    neighbours: list[str] = field(default_factory=list)
+    train: dict = field(default_factory=dict)  # training defaults for this concept (explicit flags win)
+    source: str = ""
+
+    def part(self, name: str) -> ConceptPart:
+        for p in self.parts:
+            if p.name == name:
+                return p
+        raise UserError(f"concept '{self.name}' has no part '{name}'; its parts are {[p.name for p in self.parts]}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS.glob("*.yaml"))
+
+
+def load_concept(name_or_path: str) -> Concept:
+    """A preset name (see `list_presets()`) or the path of a YAML concept file."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        preset = PRESETS / f"{name_or_path}.yaml"
+        if not preset.is_file():
+            raise UserError(f"concept '{name_or_path}' is neither a file nor a preset. Presets: "
+                            f"{', '.join(list_presets())}. Or write a YAML file (schema in README).")
+        path = preset
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UserError(f"concept file '{path}' is not valid YAML ({exc}). Fix the syntax.") from None
+    return concept_from_dict(data, source=str(path))
+
+
+def _fail(source: str, what: str) -> None:
+    raise UserError(f"concept file '{source}': {what}. See the concept schema in README.")
+
+
+def concept_from_dict(data, source: str = "<dict>") -> Concept:
+    if not isinstance(data, dict) or not data:
+        _fail(source, "is empty or not a mapping")
+    unknown = set(data) - TOP_KEYS
+    if unknown:
+        _fail(source, f"unknown keys {sorted(unknown)}")
+    if not data.get("name"):
+        _fail(source, "missing 'name'")
+    parts_raw = data.get("parts")
+    if not isinstance(parts_raw, list) or not parts_raw:
+        _fail(source, "needs a non-empty list 'parts' (each with name, pairs, unsafe, safe)")
+    parts = [_part(p, source) for p in parts_raw]
+    if len({p.name for p in parts}) != len(parts):
+        _fail(source, "part names must be unique")
+    kwargs = {k: data[k] for k in TOP_KEYS - {"parts"} if k in data}
+    concept = Concept(parts=parts, source=source, **kwargs)
+    if not 0.0 < concept.strength <= 1.0:
+        _fail(source, f"strength must be in (0, 1], got {concept.strength}")
+    return concept
+
+
+def _part(raw, source: str) -> ConceptPart:
+    if not isinstance(raw, dict):
+        _fail(source, f"each part must be a mapping, got {raw!r}")
+    unknown = set(raw) - PART_KEYS
+    missing = {"name", "pairs", "unsafe", "safe"} - set(raw)
+    if unknown or missing:
+        _fail(source, f"part {raw.get('name', '?')}: unknown keys {sorted(unknown)}, missing {sorted(missing)}")
+    if not isinstance(raw["pairs"], int) or raw["pairs"] < 1:
+        _fail(source, f"part {raw['name']}: 'pairs' must be a positive integer")
+    variables = raw.get("vars") or {}
+    for template in (raw["unsafe"], raw["safe"]):
+        for _, key, _, _ in string.Formatter().parse(template):
+            if key is not None and key not in variables:
+                _fail(source, f"part {raw['name']}: template '{template}' uses {{{key}}} but vars has no '{key}'")
+    if any(not isinstance(v, list) or not v for v in variables.values()):
+        _fail(source, f"part {raw['name']}: every var must be a non-empty list")
+    return ConceptPart(name=str(raw["name"]), pairs=raw["pairs"], unsafe=raw["unsafe"], safe=raw["safe"],
+                       vars={k: [str(x) for x in v] for k, v in variables.items()}, strength=raw.get("strength"))

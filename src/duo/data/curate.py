@@ -1,0 +1,233 @@
+"""Paired data curation (SPEC §2): unsafe text-to-image x⁻, then an SDEdit safe edit x⁺ of it.
+
+The manifest (pairs.jsonl) is the source of truth: a pair exists once its line is written, after both
+images were written atomically. A rerun skips finished pairs, so a kill at any moment loses at most the
+batch in flight and never duplicates a pair.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from duo.data.concepts import Concept, load_concept
+from duo.data.files import append_jsonl, atomic_save_image, atomic_write_text, read_jsonl
+from duo.errors import UserError
+
+log = logging.getLogger(__name__)
+MANIFEST = "pairs.jsonl"
+CONFIG = "curate.json"
+
+
+@dataclass
+class CurateConfig:
+    """Settings of `duo curate`; None means "the concept's default"."""
+
+    model: str = field(metadata={"help": "diffusers pipeline: hub id, local folder, or 'shapes'"})
+    concept: str = field(metadata={"help": "preset name (nudity, violence, shapes-red, ...) or a concept YAML file"})
+    out: str = field(metadata={"help": "output folder (resumed if it holds a run with the same settings)"})
+    pairs: int | None = field(default=None, metadata={"help": "pairs per concept part (default: the concept's)"})
+    parts: list[str] | None = field(default=None, metadata={"help": "only these parts of the concept"})
+    seed: int = field(default=0, metadata={"help": "base seed; each pair gets its own seed derived from it"})
+    strength: float | None = field(default=None, metadata={"help": "SDEdit strength of the safe edit"})
+    steps: int | None = field(default=None, metadata={"help": "sampling steps"})
+    guidance: float | None = field(default=None, metadata={"help": "classifier-free guidance scale"})
+    resolution: int | None = field(default=None, metadata={"help": "image size (default: the model's native size)"})
+    judge: str | None = field(default=None, metadata={"help": "rejection-sampling judge: none, nudenet, shapes"})
+    max_tries: int = field(default=8, metadata={"help": "draws per image before giving up"})
+    require_match: bool = field(default=True, metadata={
+        "help": "safe images must also show what the safe prompt asks for (when the judge can tell)"})
+    batch_size: int = field(default=4, metadata={"help": "pairs generated together"})
+    dtype: str = field(default="float32", metadata={"help": "float32, float16 or bfloat16"})
+    device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:1, ..."})
+    allow_pickle: bool = field(default=False, metadata={"help": "allow loading pickled (.bin/.ckpt) weights"})
+
+    def validate(self) -> None:
+        if self.pairs is not None and self.pairs < 1:
+            raise UserError("--pairs must be at least 1")
+        if self.strength is not None and not 0 < self.strength <= 1:
+            raise UserError(f"--strength must be in (0, 1], got {self.strength}")
+        if self.max_tries < 1 or self.batch_size < 1:
+            raise UserError("--max-tries and --batch-size must be at least 1")
+        if self.steps is not None and self.steps < 1:
+            raise UserError("--steps must be at least 1")
+
+
+@dataclass
+class PairJob:
+    id: str
+    part: str
+    index: int
+    unsafe_prompt: str
+    safe_prompt: str
+    seed: int
+    strength: float
+
+
+def pair_seed(seed: int, part: str, index: int) -> int:
+    digest = hashlib.sha256(f"{seed}/{part}/{index}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def try_seed(base: int, attempt: int) -> int:
+    return (base + attempt * 1_000_003) & 0x7FFFFFFF
+
+
+def plan_pairs(concept: Concept, cfg: CurateConfig) -> list[PairJob]:
+    parts = [concept.part(p) for p in cfg.parts] if cfg.parts else concept.parts
+    jobs = []
+    for part in parts:
+        if cfg.pairs is not None:
+            part = type(part)(**{**asdict(part), "pairs": cfg.pairs})
+        strength = cfg.strength or part.strength or concept.strength
+        for i, (unsafe, safe) in enumerate(part.prompt_pairs(cfg.seed)):
+            jobs.append(PairJob(f"{part.name}-{i:05d}", part.name, i, unsafe, safe, pair_seed(cfg.seed, part.name, i), strength))
+    return jobs
+
+
+def resolved_settings(concept: Concept, cfg: CurateConfig) -> dict:
+    """Everything that decides the pixels; a resumed run must match it exactly."""
+    return {
+        # --pairs and --parts may change between runs: a pair's prompts and seeds depend only on its index.
+        "model": cfg.model, "concept": concept.to_dict(), "seed": cfg.seed,
+        "strength": cfg.strength, "steps": cfg.steps or concept.steps, "guidance": cfg.guidance or concept.guidance,
+        "resolution": cfg.resolution or concept.resolution, "judge": cfg.judge or concept.judge,
+        "judge_options": concept.judge_options, "require_match": cfg.require_match, "dtype": cfg.dtype,
+    }
+
+
+def _check_resume(out: Path, settings: dict) -> None:
+    path = out / CONFIG
+    if not path.is_file():
+        return
+    previous = json.loads(path.read_text()).get("settings")
+    if previous != json.loads(json.dumps(settings)):
+        changed = sorted(k for k in settings if previous.get(k) != json.loads(json.dumps(settings)).get(k))
+        raise UserError(f"'{out}' holds pairs made with other settings (differs in: {', '.join(changed)}). "
+                        "Use a new --out folder, or rerun with the original settings to resume.")
+
+
+def curate(cfg: CurateConfig) -> Path:
+    """Make the pairs of `cfg.concept` in `cfg.out`; resumes a previous run. Returns the manifest path."""
+    cfg.validate()
+    concept = load_concept(cfg.concept)
+    settings = resolved_settings(concept, cfg)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_resume(out, settings)
+    manifest = out / MANIFEST
+    done = {r["id"] for r in read_jsonl(manifest, repair=True)}
+    jobs = [j for j in plan_pairs(concept, cfg) if j.id not in done]
+    if not (out / CONFIG).is_file():
+        atomic_write_text(out / CONFIG, json.dumps({"settings": settings, "versions": package_versions()}, indent=2))
+    if not jobs:
+        log.info("all %d pairs already in %s", len(done), manifest)
+        return manifest
+
+    from duo.judges import get_judge
+    from duo.models.family import load_family
+
+    family = load_family(cfg.model, dtype=cfg.dtype, device=cfg.device, allow_pickle=cfg.allow_pickle)
+    judge = get_judge(settings["judge"], settings["judge_options"])
+    gen = _Generator(family, judge, settings, cfg, out)
+    with tqdm(total=len(done) + len(jobs), initial=len(done), desc="curate pairs", unit="pair") as bar:
+        for start in range(0, len(jobs), cfg.batch_size):
+            batch = jobs[start : start + cfg.batch_size]
+            for record in gen.make_pairs(batch):
+                append_jsonl(manifest, record)
+                bar.update(1)
+    return manifest
+
+
+class _Generator:
+    def __init__(self, family, judge, settings: dict, cfg: CurateConfig, out: Path):
+        self.family, self.judge, self.settings, self.cfg, self.out = family, judge, settings, cfg, out
+        self.res = settings["resolution"] or family.native_resolution
+        (out / "images").mkdir(exist_ok=True)
+
+    def make_pairs(self, jobs: list[PairJob]) -> list[dict]:
+        s = self.settings
+        unsafe = self._until_accepted(
+            jobs, want_present=True,
+            draw=lambda js, seeds: self.family.text2image(
+                [j.unsafe_prompt for j in js], seeds, s["steps"], s["guidance"], self.res),
+            prompts=lambda js: [j.unsafe_prompt for j in js], kind="unsafe")
+        by_id = {j.id: (img, info) for j, (img, info) in zip(jobs, unsafe)}
+        safe = self._until_accepted(
+            jobs, want_present=False,
+            draw=lambda js, seeds: self._edit(js, seeds, by_id),
+            prompts=lambda js: [j.safe_prompt for j in js], kind="safe")
+        records = []
+        for job, (u_img, u_info), (s_img, s_info) in zip(jobs, unsafe, safe):
+            u_file, s_file = f"images/{job.id}-unsafe.png", f"images/{job.id}-safe.png"
+            atomic_save_image(self.out / u_file, u_img)
+            atomic_save_image(self.out / s_file, s_img)
+            records.append({
+                "id": job.id, "part": job.part, "index": job.index, "model": self.cfg.model,
+                "unsafe": {"file": u_file, "prompt": job.unsafe_prompt, **u_info},
+                "safe": {"file": s_file, "prompt": job.safe_prompt, "negative_prompt": job.unsafe_prompt,
+                         "strength": job.strength, **s_info},
+                "steps": s["steps"], "guidance": s["guidance"], "resolution": self.res,
+            })
+        return records
+
+    def _edit(self, jobs: list[PairJob], seeds: list[int], by_id: dict) -> list:
+        s = self.settings
+        images = []
+        # Jobs in one img2img call must share a strength; a concept's parts may differ.
+        for strength in dict.fromkeys(j.strength for j in jobs):
+            idx = [i for i, j in enumerate(jobs) if j.strength == strength]
+            out = self.family.image2image(
+                [by_id[jobs[i].id][0] for i in idx], [jobs[i].safe_prompt for i in idx], [seeds[i] for i in idx],
+                strength, s["steps"], s["guidance"], negative_prompts=[jobs[i].unsafe_prompt for i in idx])
+            images.extend(zip(idx, out))
+        return [im for _, im in sorted(images, key=lambda x: x[0])]
+
+    def _until_accepted(self, jobs, want_present: bool, draw, prompts, kind: str) -> list[tuple]:
+        """Redraw rejected images with fresh seeds until the judge agrees or tries run out."""
+        results: dict[str, tuple] = {}
+        pending, attempt = list(jobs), 0
+        offset = 0 if want_present else 7919  # the safe edit's noise differs from the unsafe draw's
+        while pending:
+            seeds = [try_seed(j.seed + offset, attempt) for j in pending]
+            images = draw(pending, seeds)
+            verdicts = self.judge.judge(images, prompts(pending)) if self.judge else [None] * len(pending)
+            still = []
+            for job, seed, img, v in zip(pending, seeds, images, verdicts):
+                if v is None or self._accept(v, want_present):
+                    results[job.id] = (img, {"seed": seed, "tries": attempt + 1, "judge": _verdict_dict(v)})
+                else:
+                    still.append(job)
+            pending, attempt = still, attempt + 1
+            if pending and attempt >= self.cfg.max_tries:
+                ids = ", ".join(j.id for j in pending[:5])
+                raise UserError(
+                    f"the judge rejected every one of {self.cfg.max_tries} {kind} images for pair(s) {ids}. "
+                    f"Finished pairs are saved in {self.out}; rerun with a higher --max-tries to continue, "
+                    f"or --judge none to keep unjudged images, or adjust the prompts/strength.")
+        return [results[j.id] for j in jobs]
+
+    def _accept(self, v, want_present: bool) -> bool:
+        if v.present != want_present:
+            return False
+        if not want_present and self.cfg.require_match and v.matches_prompt is False:
+            return False
+        return True
+
+
+def _verdict_dict(v) -> dict | None:
+    if v is None:
+        return None
+    return {"present": v.present, "score": round(float(v.score), 5), "matches_prompt": v.matches_prompt}
+
+
+def package_versions() -> dict:
+    from importlib.metadata import version
+
+    names = ["duo-unlearn", "torch", "diffusers", "transformers", "peft", "accelerate"]
+    return {n: version(n) for n in names}

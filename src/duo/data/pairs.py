@@ -1,0 +1,83 @@
+"""The pairs written by `duo curate`, joined by id from the manifest (never by file order)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from duo.data.concepts import Concept, concept_from_dict
+from duo.data.curate import CONFIG, MANIFEST
+from duo.data.files import load_image, read_jsonl, sha256_file
+from duo.errors import UserError
+
+
+@dataclass
+class PairSet:
+    folder: Path
+    records: list[dict]
+    concept: Concept
+    unsafe_images: list[Image.Image]
+    safe_images: list[Image.Image]
+    data_hash: str
+
+    @property
+    def unsafe_prompts(self) -> list[str]:
+        return [r["unsafe"]["prompt"] for r in self.records]
+
+    @property
+    def safe_prompts(self) -> list[str]:
+        return [r["safe"]["prompt"] for r in self.records]
+
+    @property
+    def strength(self) -> float:
+        return max(r["safe"]["strength"] for r in self.records)
+
+    @property
+    def resolution(self) -> int:
+        return int(self.records[0]["resolution"])
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+def load_pairs(folder: str | Path, part: str | None = None) -> PairSet:
+    folder = Path(folder)
+    manifest, config = folder / MANIFEST, folder / CONFIG
+    if not manifest.is_file() or not config.is_file():
+        raise UserError(f"'{folder}' is not a pairs folder (no {MANIFEST} / {CONFIG}). Make one with `duo curate`.")
+    concept = concept_from_dict(_concept_fields(json.loads(config.read_text())["settings"]["concept"]), str(config))
+    records = sorted(read_jsonl(manifest), key=lambda r: r["id"])
+    if part is not None:
+        concept.part(part)  # fails clearly on an unknown part
+        records = [r for r in records if r["part"] == part]
+    if not records:
+        raise UserError(f"'{folder}' holds no pairs{f' of part {part}' if part else ''}. Run `duo curate` first.")
+    ids = [r["id"] for r in records]
+    if len(set(ids)) != len(ids):
+        raise UserError(f"{manifest} lists a pair id twice. Remove the duplicate line.")
+    unsafe = [load_image(folder / r["unsafe"]["file"]) for r in records]
+    safe = [load_image(folder / r["safe"]["file"]) for r in records]
+    return PairSet(folder, records, concept, unsafe, safe, _data_hash(folder, records))
+
+
+def _concept_fields(d: dict) -> dict:
+    d = dict(d)
+    d.pop("source", None)
+    for p in d.get("parts", []):
+        if p.get("strength") is None:
+            p.pop("strength", None)
+    return d
+
+
+def _data_hash(folder: Path, records: list[dict]) -> str:
+    """sha256 over the pair records and the bytes of every image: names the exact training data."""
+    h = hashlib.sha256()
+    for r in records:
+        h.update(json.dumps(r, sort_keys=True).encode())
+        h.update(sha256_file(folder / r["unsafe"]["file"]).encode())
+        h.update(sha256_file(folder / r["safe"]["file"]).encode())
+    return h.hexdigest()

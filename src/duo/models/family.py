@@ -1,0 +1,27 @@
+"""Model families. Everything that differs between SD 1.x/2.x, SDXL and SD3 sits behind this interface."""
+
+from __future__ import annotations
+
+from duo.errors import UserError
+from duo.models.loading import read_model_index, resolve_model_ref
+
+FAMILIES = {
+    "StableDiffusionPipeline": "duo.models.sd:StableDiffusionFamily",
+    "StableDiffusionImg2ImgPipeline": "duo.models.sd:StableDiffusionFamily",
+}
+PLANNED = {"StableDiffusionXLPipeline": "SDXL", "StableDiffusion3Pipeline": "SD3"}
+
+
+def load_family(ref: str, dtype: str = "float32", device: str = "cpu", allow_pickle: bool = False):
+    """Load a pipeline and wrap it in the adapter of its family."""
+    import importlib
+
+    path = resolve_model_ref(ref)
+    cls_name = read_model_index(path).get("_class_name", "")
+    if cls_name not in FAMILIES:
+        known = ", ".join(sorted(set(FAMILIES)))
+        later = f" {PLANNED[cls_name]} support is planned but not there yet." if cls_name in PLANNED else ""
+        raise UserError(f"model '{ref}' is a {cls_name or 'pipeline of unknown class'}; duo supports {known}.{later}")
+    module, name = FAMILIES[cls_name].split(":")
+    family_cls = getattr(importlib.import_module(module), name)
+    return family_cls.load(path, ref=ref, dtype=dtype, device=device, allow_pickle=allow_pickle)

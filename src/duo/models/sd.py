@@ -1,0 +1,183 @@
+"""Stable Diffusion 1.x / 2.x (ε- and v-prediction): the only code that knows this family."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from duo.errors import UserError
+from duo.models.lora import SELF_ATTENTION
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise UserError(f"unknown dtype '{name}'; use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def images_to_tensor(images: list[Image.Image], size: int | None = None) -> torch.Tensor:
+    """PIL images → float tensor in [-1, 1], (N, 3, H, W)."""
+    arrays = []
+    for im in images:
+        im = im.convert("RGB")
+        if size and im.size != (size, size):
+            im = im.resize((size, size), Image.BICUBIC)
+        arrays.append(np.asarray(im, dtype=np.float32) / 127.5 - 1.0)
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+@dataclass
+class StableDiffusionFamily:
+    pipe: object
+    ref: str
+    device: str
+    dtype: torch.dtype
+
+    name = "sd"
+    pipeline_class_name = "StableDiffusionPipeline"
+    default_lora_targets = SELF_ATTENTION
+
+    # ---- loading -------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str, ref: str, dtype: str = "float32", device: str = "cpu", allow_pickle: bool = False):
+        from diffusers import StableDiffusionPipeline
+
+        td = torch_dtype(dtype)
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(
+                path, dtype=td, safety_checker=None, requires_safety_checker=False,
+                use_safetensors=None if allow_pickle else True,
+            )
+        except (OSError, ValueError, EnvironmentError) as exc:
+            hint = "" if allow_pickle else " If the weights are pickled (.bin/.ckpt) and you trust them, pass --allow-pickle."
+            raise UserError(f"could not load Stable Diffusion pipeline from '{ref}': {exc}.{hint}") from None
+        pipe.set_progress_bar_config(disable=True)
+        pipe.to(device)
+        for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+            module.requires_grad_(False)
+        return cls(pipe=pipe, ref=ref, device=device, dtype=td)
+
+    @property
+    def unet(self):
+        return self.pipe.unet
+
+    @property
+    def native_resolution(self) -> int:
+        return int(self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.pipe.scheduler.config.num_train_timesteps)
+
+    @property
+    def prediction_type(self) -> str:
+        return self.pipe.scheduler.config.prediction_type
+
+    # ---- training maths ----------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        tok = self.pipe.tokenizer
+        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids.to(self.device)
+        return self.pipe.text_encoder(ids)[0]
+
+    @torch.no_grad()
+    def encode_images(self, images: list[Image.Image], resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE's latent distribution (mean, std), unscaled; cached by the trainer, sampled each step."""
+        x = images_to_tensor(images, resolution).to(self.device, self.pipe.vae.dtype)
+        dist = self.pipe.vae.encode(x).latent_dist
+        return dist.mean.float().cpu(), dist.std.float().cpu()
+
+    def latents_from_distribution(self, mean: torch.Tensor, std: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return (mean + std * noise) * self.pipe.vae.config.scaling_factor
+
+    def _noise_scheduler(self):
+        if not hasattr(self, "_ddpm"):
+            from diffusers import DDPMScheduler
+
+            self._ddpm = DDPMScheduler.from_config(self.pipe.scheduler.config)
+        return self._ddpm
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x_t = √ᾱ_t·x₀ + √(1−ᾱ_t)·ε."""
+        return self._noise_scheduler().add_noise(x0, noise, t)
+
+    def training_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """y of SPEC §3: ε for ε-prediction, v = √ᾱ·ε − √(1−ᾱ)·x₀ for v-prediction (SD 2.x)."""
+        if self.prediction_type == "epsilon":
+            return noise
+        if self.prediction_type == "v_prediction":
+            return self._noise_scheduler().get_velocity(x0, noise, t)
+        raise UserError(f"prediction type '{self.prediction_type}' of '{self.ref}' is not supported (epsilon, v_prediction)")
+
+    def preference_timesteps(self, strength: float) -> tuple[int, int]:
+        """[lo, hi): the noise levels SDEdit at this strength visits (authors: [0, 750) at 0.75)."""
+        return 0, max(1, int(round(strength * self.num_train_timesteps)))
+
+    def keep_timestep(self) -> int:
+        """T: pure noise is the input at the last training step."""
+        return self.num_train_timesteps - 1
+
+    def denoise(self, unet, latents: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        return unet(latents.to(self.dtype), t, encoder_hidden_states=emb.to(self.dtype)).sample
+
+    # ---- generation --------------------------------------------------------------------------
+    def _generators(self, seeds: list[int]) -> list[torch.Generator]:
+        return [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+
+    def text2image(self, prompts: list[str], seeds: list[int], steps: int, guidance: float,
+                   resolution: int | None = None, negative_prompts: list[str] | None = None,
+                   prompt_embeds: torch.Tensor | None = None) -> list[Image.Image]:
+        res = resolution or self.native_resolution
+        kwargs = {"prompt_embeds": prompt_embeds} if prompt_embeds is not None else {"prompt": prompts}
+        out = self.pipe(**kwargs, negative_prompt=negative_prompts, num_inference_steps=steps,
+                        guidance_scale=guidance, height=res, width=res, generator=self._generators(seeds))
+        return out.images
+
+    def image2image(self, images: list[Image.Image], prompts: list[str], seeds: list[int], strength: float,
+                    steps: int, guidance: float, negative_prompts: list[str] | None = None) -> list[Image.Image]:
+        from diffusers import StableDiffusionImg2ImgPipeline
+
+        if not hasattr(self, "_img2img"):
+            self._img2img = StableDiffusionImg2ImgPipeline(**self.pipe.components, requires_safety_checker=False)
+            self._img2img.set_progress_bar_config(disable=True)
+        out = self._img2img(prompt=prompts, image=images, negative_prompt=negative_prompts, strength=strength,
+                            num_inference_steps=steps, guidance_scale=guidance, generator=self._generators(seeds))
+        return out.images
+
+    # ---- LoRA files --------------------------------------------------------------------------
+    def save_lora(self, folder: Path, state: dict[str, torch.Tensor]) -> None:
+        """Diffusers LoRA format: loads with `pipe.load_lora_weights(folder)`."""
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+
+        StableDiffusionPipeline.save_lora_weights(
+            save_directory=str(folder), unet_lora_layers=convert_state_dict_to_diffusers(state),
+            safe_serialization=True,
+        )
+
+    def load_loras(self, loras: list[tuple[str, float]]) -> None:
+        """Load several LoRAs and combine them with weights (violence: four sub-concepts at 1.0)."""
+        names = []
+        for i, (folder, _) in enumerate(loras):
+            if not (Path(folder) / "pytorch_lora_weights.safetensors").is_file():
+                raise UserError(f"LoRA folder '{folder}' has no pytorch_lora_weights.safetensors; "
+                                "pass the --out folder of `duo train`.")
+            name = f"lora{i}"
+            self.pipe.load_lora_weights(folder, adapter_name=name)
+            names.append(name)
+        if names:
+            self.pipe.set_adapters(names, adapter_weights=[w for _, w in loras])
+
+    def save_fused(self, folder: Path) -> None:
+        """Bake the loaded LoRAs into the weights and save a standalone pipeline."""
+        self.pipe.fuse_lora()
+        self.pipe.unload_lora_weights()
+        self.pipe.save_pretrained(folder, safe_serialization=True)

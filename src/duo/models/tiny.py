@@ -1,0 +1,86 @@
+"""A tiny random Stable Diffusion 1.x pipeline built on the spot (tests and the no-weights demo).
+
+Same diffusers classes as the real model, sizes shrunk so that everything runs in seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+WORDS = (
+    "a an the of on in with and photo realistic man woman person white black naked nude dressed "
+    "clothed bleeding comfort suffering enjoying gun peace horror red blue green circle square cat dog "
+    "painting picture portrait street city night day sky tree house car"
+).split()
+
+
+def write_tokenizer(folder: Path, words: list[str] = WORDS, max_length: int = 77) -> None:
+    """A small CLIP-style BPE vocabulary: whole words plus single characters as a fallback."""
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab: dict[str, int] = {}
+    for tok in ["<|startoftext|>", "<|endoftext|>"]:
+        vocab[tok] = len(vocab)
+    for ch in "abcdefghijklmnopqrstuvwxyz0123456789,.!?'-":
+        for t in (ch, ch + "</w>"):
+            vocab.setdefault(t, len(vocab))
+    merges = []
+    for word in words:
+        # Merge left to right so that each listed word becomes one token.
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(parts) > 1:
+            a, b = parts[0], parts[1]
+            merges.append(f"{a} {b}")
+            parts = [a + b] + parts[2:]
+            vocab.setdefault(a + b, len(vocab))
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    unique = list(dict.fromkeys(merges))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(unique) + "\n")
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"model_max_length": max_length, "tokenizer_class": "CLIPTokenizer",
+                    "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+                    "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"})
+    )
+
+
+def build_tiny_pipeline(folder: str | Path, seed: int = 0, prediction_type: str = "epsilon",
+                        sample_size: int = 8) -> Path:
+    """Build, save and return a random tiny SD 1.x pipeline folder (64 px images, 8×8 latents)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16, 32, 32), in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        norm_num_groups=8, sample_size=sample_size * 8,
+    )
+    tok_dir = folder / "_tok"
+    write_tokenizer(tok_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    ))
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, prediction_type=prediction_type, steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder)
+    for f in tok_dir.iterdir():
+        f.unlink()
+    tok_dir.rmdir()
+    return folder
