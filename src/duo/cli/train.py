@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from duo.cli.args import add_dataclass_flags, explicit_values
 from duo.train.api import train_from_flags
 from duo.train.config import TrainConfig
@@ -19,5 +21,6 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     out = train_from_flags(explicit_values(TrainConfig, args))
-    print(f"LoRA: {out / 'pytorch_lora_weights.safetensors'}")
+    if os.environ.get("RANK", "0") == "0":  # one line, not one per process under accelerate launch
+        print(f"LoRA: {out / 'pytorch_lora_weights.safetensors'}")
     return 0

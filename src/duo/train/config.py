@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field, fields
 
 from duo.errors import UserError
+from duo.objectives import coupled_hparams
 
 
 def _f(default, help: str, **kw):
@@ -56,11 +57,11 @@ class TrainConfig:
 
     @property
     def resolved_lr(self) -> float:
-        return self.lr if self.lr is not None else self.base_lr * 100.0 / self.beta
+        return self.lr if self.lr is not None else coupled_hparams(self.beta, self.base_lr, self.base_lambda)[0]
 
     @property
     def resolved_lam(self) -> float:
-        return self.lam if self.lam is not None else self.base_lambda * self.beta / 100.0
+        return self.lam if self.lam is not None else coupled_hparams(self.beta, self.base_lr, self.base_lambda)[1]
 
     @property
     def resolved_lam_retain(self) -> float:

@@ -47,13 +47,17 @@ def train(cfg: TrainConfig) -> Path:
 
     from accelerate import Accelerator
 
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.device == "cpu",
+    # Without cpu=True accelerate ignores a multi-process launch on a machine with no GPU.
+    on_cpu = cfg.device == "cpu" or (cfg.device is None and not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=on_cpu,
                               log_with=cfg.tracker, project_dir=str(out))
     if accelerator.is_main_process:
         if cfg.overwrite and out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2))
+        run_shape = {"processes": accelerator.num_processes,
+                     "pairs_per_step": cfg.batch_size * cfg.grad_accum * accelerator.num_processes}
+        atomic_write_text(out / "config.json", json.dumps({**cfg.to_dict(), **run_shape}, indent=2))
     accelerator.wait_for_everyone()
 
     from duo.models.family import load_family
