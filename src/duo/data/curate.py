@@ -118,13 +118,10 @@ def curate(cfg: CurateConfig) -> Path:
     concept = load_concept(cfg.concept)
     settings = resolved_settings(concept, cfg)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     _check_resume(out, settings)
     manifest = out / MANIFEST
     done = {r["id"] for r in read_jsonl(manifest, repair=True)}
     jobs = [j for j in plan_pairs(concept, cfg) if j.id not in done]
-    if not (out / CONFIG).is_file():
-        atomic_write_text(out / CONFIG, json.dumps({"settings": settings, "versions": package_versions()}, indent=2))
     if not jobs:
         log.info("all %d pairs already in %s", len(done), manifest)
         return manifest
@@ -132,8 +129,12 @@ def curate(cfg: CurateConfig) -> Path:
     from duo.judges import get_judge
     from duo.models.family import load_family
 
+    # Load before writing anything, so that a bad model or judge leaves no half-made folder behind.
     family = load_family(cfg.model, dtype=cfg.dtype, device=cfg.device, allow_pickle=cfg.allow_pickle)
     judge = get_judge(settings["judge"], settings["judge_options"])
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / CONFIG).is_file():
+        atomic_write_text(out / CONFIG, json.dumps({"settings": settings, "versions": package_versions()}, indent=2))
     gen = _Generator(family, judge, settings, cfg, out)
     with tqdm(total=len(done) + len(jobs), initial=len(done), desc="curate pairs", unit="pair") as bar:
         for start in range(0, len(jobs), cfg.batch_size):

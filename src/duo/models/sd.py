@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,6 +176,15 @@ class StableDiffusionFamily:
             names.append(name)
         if names:
             self.pipe.set_adapters(names, adapter_weights=[w for _, w in loras])
+
+    @contextmanager
+    def loras_off(self):
+        """Generate with the original model while LoRAs stay loaded (same pipeline, no reload)."""
+        self.pipe.disable_lora()
+        try:
+            yield self
+        finally:
+            self.pipe.enable_lora()
 
     def save_fused(self, folder: Path) -> None:
         """Bake the loaded LoRAs into the weights and save a standalone pipeline."""

@@ -51,6 +51,11 @@ def train(cfg: TrainConfig) -> Path:
     on_cpu = cfg.device == "cpu" or (cfg.device is None and not torch.cuda.is_available())
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=on_cpu,
                               log_with=cfg.tracker, project_dir=str(out))
+    from duo.models.family import load_family
+
+    weight_dtype = {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}[cfg.mixed_precision]
+    family = load_family(cfg.model, dtype=weight_dtype, device=str(accelerator.device), allow_pickle=cfg.allow_pickle)
+    # Only now that the model loaded is anything written (or, with --overwrite, deleted).
     if accelerator.is_main_process:
         if cfg.overwrite and out.exists():
             shutil.rmtree(out)
@@ -60,10 +65,6 @@ def train(cfg: TrainConfig) -> Path:
         atomic_write_text(out / "config.json", json.dumps({**cfg.to_dict(), **run_shape}, indent=2))
     accelerator.wait_for_everyone()
 
-    from duo.models.family import load_family
-
-    weight_dtype = {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}[cfg.mixed_precision]
-    family = load_family(cfg.model, dtype=weight_dtype, device=str(accelerator.device), allow_pickle=cfg.allow_pickle)
     torch.manual_seed(cfg.seed)
     attach_lora(family.unet, cfg.rank, cfg.alpha, cfg.targets or family.default_lora_targets)
     cache = build_cache(family, pairs, cfg, accelerator.device)

@@ -1,0 +1,33 @@
+"""What the demo measures in the Shapes world: red rate on red prompts, and what happens to other colours."""
+
+from __future__ import annotations
+
+from duo.metrics import feature_preservation
+from duo.shapes.judge import classify, features
+from duo.shapes.render import COLOURS, colour_prompts, parse_prompt
+
+
+def concept_prompts(colour: str, n: int) -> list[str]:
+    """Direct prompts: the colour under all its synonyms, shapes and backgrounds."""
+    return colour_prompts(colour, n, seed=4321)
+
+
+def other_prompts(colour: str, n: int) -> list[str]:
+    """Prompts for every other colour, the same number each: what must not change."""
+    others = [c for c in COLOURS if c != colour]
+    per = max(1, n // len(others))
+    return [p for i, c in enumerate(others) for p in colour_prompts(c, per, seed=99 + i)]
+
+
+def attribute_accuracy(images, prompts: list[str]) -> dict:
+    preds = classify(images)
+    asked = [parse_prompt(p) for p in prompts]
+    n = len(prompts)
+    return {
+        "colour_accuracy": sum(p["colour"] == a["colour"] for p, a in zip(preds, asked)) / n,
+        "shape_accuracy": sum(p["shape"] == a["shape"] for p, a in zip(preds, asked)) / n,
+    }
+
+
+def preservation(original, edited) -> float:
+    return feature_preservation(features(original), features(edited))

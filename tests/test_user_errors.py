@@ -1,0 +1,108 @@
+"""User errors exit with code 2, name the cause and the fix, and leave earlier outputs untouched."""
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def duo(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "duo", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def tree_digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(folder)).encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def assert_user_error(result, *words):
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    for w in words:
+        assert w in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("command", ["curate", "train", "sample"])
+def test_help(command):
+    result = duo(command, "--help")
+    assert result.returncode == 0 and "--model" in result.stdout
+
+
+def test_missing_model(concept_file, tmp_path):
+    assert_user_error(duo("curate", "--model", tmp_path / "nope", "--concept", concept_file, "--out", tmp_path / "o"),
+                      "nope", "not found")
+    assert_user_error(duo("curate", "--model", "someone/not-cached", "--concept", concept_file, "--out", tmp_path / "o"),
+                      "someone/not-cached", "HF_HUB_OFFLINE")
+
+
+@pytest.mark.parametrize("text,words", [
+    ("", ["empty"]),
+    ("name: x\nparts: [{name: a, pairs: 2, unsafe: 'a {y}', safe: b}]", ["{y}"]),
+    ("name: x\ncolour: red\nparts: []", ["unknown keys"]),
+    ("name: [unclosed", ["not valid YAML"]),
+])
+def test_bad_concept_file(tiny_model, tmp_path, text, words):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    assert_user_error(duo("curate", "--model", tiny_model, "--concept", path, "--out", tmp_path / "o"), *words)
+
+
+def copy_pairs(pairs_dir, tmp_path):
+    import shutil
+
+    return Path(shutil.copytree(pairs_dir, tmp_path / "pairs"))
+
+
+def test_manifest_pointing_at_missing_image(tiny_model, pairs_dir, tmp_path):
+    pairs = copy_pairs(pairs_dir, tmp_path)
+    (pairs / "images" / "naked-00001-safe.png").unlink()
+    result = duo("train", "--model", tiny_model, "--data", pairs, "--out", tmp_path / "lora", "--steps", 1)
+    assert_user_error(result, "naked-00001-safe.png", "missing", "duo curate")
+    assert not (tmp_path / "lora").exists()
+
+
+def test_corrupt_png(tiny_model, pairs_dir, tmp_path):
+    pairs = copy_pairs(pairs_dir, tmp_path)
+    (pairs / "images" / "naked-00002-unsafe.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    result = duo("train", "--model", tiny_model, "--data", pairs, "--out", tmp_path / "lora", "--steps", 1)
+    assert_user_error(result, "naked-00002-unsafe.png", "corrupt")
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--beta", "0"], ["β must be a positive"]),
+    (["--beta", "-5"], ["β must be a positive"]),
+    (["--lam-retain", "3"], ["noise+retain"]),
+    (["--resume", "--overwrite"], ["exclude"]),
+])
+def test_invalid_settings_rejected_before_loading(pairs_dir, tmp_path, flags, words):
+    # The model does not exist: the settings must be rejected before anything tries to load it.
+    result = duo("train", "--model", tmp_path / "no-model", "--data", pairs_dir, "--out", tmp_path / "lora", *flags)
+    assert_user_error(result, *words)
+
+
+def test_existing_output_is_not_overwritten(tiny_model, pairs_dir, tmp_path):
+    out = tmp_path / "lora"
+    assert duo("train", "--model", tiny_model, "--data", pairs_dir, "--out", out, "--steps", 1).returncode == 0
+    before = tree_digest(out)
+    assert_user_error(duo("train", "--model", tiny_model, "--data", pairs_dir, "--out", out, "--steps", 1),
+                      "--resume", "--overwrite")
+    assert_user_error(duo("train", "--model", tiny_model, "--data", pairs_dir, "--out", out, "--steps", 1,
+                          "--resume", "--beta", 100), "beta")
+    assert tree_digest(out) == before
+
+
+def test_nan_loss_stops_with_checkpoints_intact(tiny_model, pairs_dir, tmp_path):
+    out = tmp_path / "nan"
+    result = duo("train", "--model", tiny_model, "--data", pairs_dir, "--out", out, "--steps", 30,
+                 "--lr", "1e30", "--checkpoint-every", 1)
+    assert_user_error(result, "loss became", "Lower --lr")
+    assert not (out / "pytorch_lora_weights.safetensors").exists()
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert kept and kept[-1] < "step-0000030"
+    assert (out / "checkpoints" / "last").read_text() == kept[-1]
