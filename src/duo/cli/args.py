@@ -35,7 +35,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, positional: tuple[
             kwargs["help"] = f"{help_text} (default: {default})"
         flag = "--" + f.name.replace("_", "-")
         if tp is bool:
-            parser.add_argument(flag, action="store_true", **kwargs)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
             continue
         kwargs["type"] = tp
         if f.metadata.get("choices"):

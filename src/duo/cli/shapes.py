@@ -14,7 +14,7 @@ def add_parser(sub) -> None:
     ssub = p.add_subparsers(dest="shapes_command", metavar="SUBCOMMAND")
 
     t = ssub.add_parser("train-base", help="train tokenizer, VAE, judge, text encoder and UNet from scratch",
-                        description="Train the whole Shapes world from a seed (about 45-50 minutes on 2 CPU "
+                        description="Train the whole Shapes world from a seed (about 47 minutes on 2 CPU "
                         "cores). A rerun with the same --out resumes. --ship installs the result as the "
                         "shipped weights and rewrites their SHA256SUMS.")
     t.add_argument("--out", default=None,
@@ -22,11 +22,12 @@ def add_parser(sub) -> None:
     t.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     t.add_argument("--minutes", type=float, default=None,
                    help="wall-time cap on the UNet phase; without it the run is step-for-step reproducible")
-    t.add_argument("--unet-steps", type=int, default=9000, help="UNet+text-encoder steps (default: 9000)")
+    t.add_argument("--unet-steps", type=int, default=8400, help="UNet+text-encoder steps (default: 8400)")
     t.add_argument("--vae-steps", type=int, default=2000, help="VAE steps (default: 2000)")
     t.add_argument("--judge-steps", type=int, default=1000, help="judge pre-training steps (default: 1000)")
     t.add_argument("--n-images", type=int, default=60_000, help="training renders (default: 60000)")
     t.add_argument("--threads", type=int, default=1, help="torch threads (default: 1, fastest here)")
+    t.add_argument("--log", default=None, help="progress log file (default: OUT/train.log)")
     t.add_argument("--ship", action="store_true",
                    help="copy the result into the package's shapes/assets and update SHA256SUMS")
     t.set_defaults(func=run_train_base)
@@ -60,7 +61,7 @@ def run_train_base(args) -> int:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1.")
     result = train_base(out, seed=args.seed, minutes=args.minutes, unet_steps=args.unet_steps,
                         vae_steps=args.vae_steps, judge_steps=args.judge_steps, n_images=args.n_images,
-                        threads=args.threads)
+                        threads=args.threads, log_path=args.log)
     if args.ship:
         ship(out)
         print(f"shipped {out} into {ASSETS}")

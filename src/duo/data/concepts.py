@@ -15,7 +15,7 @@ from duo.errors import UserError
 PRESETS = Path(__file__).resolve().parent.parent / "concepts"
 TOP_KEYS = {"name", "description", "judge", "judge_options", "strength", "guidance", "steps", "resolution",
             "unsafe_words", "neighbours", "parts", "train"}
-PART_KEYS = {"name", "pairs", "unsafe", "safe", "vars", "strength"}
+PART_KEYS = {"name", "pairs", "unsafe", "safe", "negative", "vars", "strength"}
 
 
 @dataclass
@@ -26,14 +26,19 @@ class ConceptPart:
     safe: str
     vars: dict[str, list[str]] = field(default_factory=dict)
     strength: float | None = None  # overrides the concept's SDEdit strength
+    # Negative prompt of the safe edit; the authors use the whole unsafe prompt. Where that prompt also names
+    # what must stay (a shape, a background), a template of the concept words alone keeps it.
+    negative: str | None = None
 
-    def prompt_pairs(self, seed: int) -> list[tuple[str, str]]:
-        """(unsafe, safe) prompt of every pair: the variable combinations, shuffled once, then cycled."""
+    def prompt_pairs(self, seed: int) -> list[tuple[str, str, str]]:
+        """(unsafe, safe, negative) prompts of every pair: variable combinations shuffled once, then cycled."""
         keys = sorted(self.vars)
         combos = [dict(zip(keys, values)) for values in itertools.product(*(self.vars[k] for k in keys))]
         random.Random(f"{seed}-{self.name}").shuffle(combos)
         combos = combos or [{}]
-        return [(self.unsafe.format(**c), self.safe.format(**c)) for c in itertools.islice(itertools.cycle(combos), self.pairs)]
+        negative = self.negative or self.unsafe
+        return [(self.unsafe.format(**c), self.safe.format(**c), negative.format(**c))
+                for c in itertools.islice(itertools.cycle(combos), self.pairs)]
 
 
 @dataclass
@@ -117,11 +122,12 @@ def _part(raw, source: str) -> ConceptPart:
     if not isinstance(raw["pairs"], int) or raw["pairs"] < 1:
         _fail(source, f"part {raw['name']}: 'pairs' must be a positive integer")
     variables = raw.get("vars") or {}
-    for template in (raw["unsafe"], raw["safe"]):
+    for template in (raw["unsafe"], raw["safe"], raw.get("negative") or ""):
         for _, key, _, _ in string.Formatter().parse(template):
             if key is not None and key not in variables:
                 _fail(source, f"part {raw['name']}: template '{template}' uses {{{key}}} but vars has no '{key}'")
     if any(not isinstance(v, list) or not v for v in variables.values()):
         _fail(source, f"part {raw['name']}: every var must be a non-empty list")
     return ConceptPart(name=str(raw["name"]), pairs=raw["pairs"], unsafe=raw["unsafe"], safe=raw["safe"],
-                       vars={k: [str(x) for x in v] for k, v in variables.items()}, strength=raw.get("strength"))
+                       vars={k: [str(x) for x in v] for k, v in variables.items()}, strength=raw.get("strength"),
+                       negative=raw.get("negative"))

@@ -41,7 +41,7 @@ class CurateConfig:
     judge: str | None = field(default=None, metadata={"help": "rejection-sampling judge: none, nudenet, shapes"})
     max_tries: int = field(default=8, metadata={"help": "draws per image before giving up"})
     require_match: bool = field(default=True, metadata={
-        "help": "safe images must also show what the safe prompt asks for (when the judge can tell)"})
+        "help": "images must also show what their prompt asks for, when the judge can tell"})
     batch_size: int = field(default=4, metadata={"help": "pairs generated together"})
     dtype: str = field(default="float32", metadata={"help": "float32, float16 or bfloat16"})
     device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:1, ..."})
@@ -65,6 +65,7 @@ class PairJob:
     index: int
     unsafe_prompt: str
     safe_prompt: str
+    negative_prompt: str
     seed: int
     strength: float
 
@@ -85,8 +86,9 @@ def plan_pairs(concept: Concept, cfg: CurateConfig) -> list[PairJob]:
         if cfg.pairs is not None:
             part = type(part)(**{**asdict(part), "pairs": cfg.pairs})
         strength = cfg.strength or part.strength or concept.strength
-        for i, (unsafe, safe) in enumerate(part.prompt_pairs(cfg.seed)):
-            jobs.append(PairJob(f"{part.name}-{i:05d}", part.name, i, unsafe, safe, pair_seed(cfg.seed, part.name, i), strength))
+        for i, (unsafe, safe, negative) in enumerate(part.prompt_pairs(cfg.seed)):
+            jobs.append(PairJob(f"{part.name}-{i:05d}", part.name, i, unsafe, safe, negative,
+                                pair_seed(cfg.seed, part.name, i), strength))
     return jobs
 
 
@@ -171,7 +173,7 @@ class _Generator:
             records.append({
                 "id": job.id, "part": job.part, "index": job.index, "model": self.cfg.model,
                 "unsafe": {"file": u_file, "prompt": job.unsafe_prompt, **u_info},
-                "safe": {"file": s_file, "prompt": job.safe_prompt, "negative_prompt": job.unsafe_prompt,
+                "safe": {"file": s_file, "prompt": job.safe_prompt, "negative_prompt": job.negative_prompt,
                          "strength": job.strength, **s_info},
                 "steps": s["steps"], "guidance": s["guidance"], "resolution": self.res,
             })
@@ -185,7 +187,7 @@ class _Generator:
             idx = [i for i, j in enumerate(jobs) if j.strength == strength]
             out = self.family.image2image(
                 [by_id[jobs[i].id][0] for i in idx], [jobs[i].safe_prompt for i in idx], [seeds[i] for i in idx],
-                strength, s["steps"], s["guidance"], negative_prompts=[jobs[i].unsafe_prompt for i in idx])
+                strength, s["steps"], s["guidance"], negative_prompts=[jobs[i].negative_prompt for i in idx])
             images.extend(zip(idx, out))
         return [im for _, im in sorted(images, key=lambda x: x[0])]
 
@@ -216,9 +218,9 @@ class _Generator:
     def _accept(self, v, want_present: bool) -> bool:
         if v.present != want_present:
             return False
-        if not want_present and self.cfg.require_match and v.matches_prompt is False:
-            return False
-        return True
+        # Both images must show what their prompt asks (same shape, asked colour...) when the judge can tell:
+        # a pair should differ in the concept only.
+        return not (self.cfg.require_match and v.matches_prompt is False)
 
 
 def _verdict_dict(v) -> dict | None:

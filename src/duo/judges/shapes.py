@@ -88,8 +88,8 @@ class ShapesJudge:
         return out
 
     def provenance(self) -> dict:
-        from duo.shapes.judge import default_weights
         from duo.shapes import _sha256
+        from duo.shapes.judge import default_weights
 
         path = Path(self.weights) if self.weights else default_weights()
         return {

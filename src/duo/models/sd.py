@@ -56,7 +56,7 @@ class StableDiffusionFamily:
                 path, dtype=td, safety_checker=None, requires_safety_checker=False,
                 use_safetensors=None if allow_pickle else True,
             )
-        except (OSError, ValueError, EnvironmentError) as exc:
+        except (OSError, ValueError) as exc:
             hint = "" if allow_pickle else " If the weights are pickled (.bin/.ckpt) and you trust them, pass --allow-pickle."
             raise UserError(f"could not load Stable Diffusion pipeline from '{ref}': {exc}.{hint}") from None
         pipe.set_progress_bar_config(disable=True)
@@ -98,6 +98,11 @@ class StableDiffusionFamily:
 
     def latents_from_distribution(self, mean: torch.Tensor, std: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         return (mean + std * noise) * self.pipe.vae.config.scaling_factor
+
+    def offload_encoders(self) -> None:
+        """Move the VAE and text encoder off the accelerator once their outputs are cached."""
+        self.pipe.vae.to("cpu")
+        self.pipe.text_encoder.to("cpu")
 
     def _noise_scheduler(self):
         if not hasattr(self, "_ddpm"):

@@ -10,7 +10,7 @@ from duo.errors import UserError
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 SUMS = ASSETS / "SHA256SUMS"
-_VERIFIED: set[str] = set()
+_VERIFIED: set[str] = set()  # cache keys of verified asset states
 
 
 def _sha256(path: Path) -> str:
@@ -34,15 +34,18 @@ def write_sums(root: Path = ASSETS) -> Path:
     return root / "SHA256SUMS"
 
 
-_FIX = "Reinstall duo-unlearn (or `git checkout src/duo/shapes/assets`), or retrain with `duo shapes train-base --ship`."
+_FIX = ("Reinstall duo-unlearn (or `git checkout src/duo/shapes/assets`), "
+        "or retrain with `duo shapes train-base --ship`.")
 
 
 def verify_assets(root: Path = ASSETS) -> None:
     """Check every file listed in SHA256SUMS; raise UserError naming the cause and the fix."""
-    key = str(root)
+    sums = root / "SHA256SUMS"
+    # cache by path + size + mtime of every file, so a changed or removed file is checked again
+    key = repr([(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in [sums, *asset_files(root)]
+                if p.is_file()])
     if key in _VERIFIED:
         return
-    sums = root / "SHA256SUMS"
     if not sums.is_file():
         raise UserError(f"The Shapes world's weights are missing: {sums} does not exist. {_FIX}")
     for line in sums.read_text().splitlines():

@@ -28,14 +28,10 @@ def _dsr(judge, images, prompts) -> dict:
     return rate_with_interval(sum(not v.present for v in verdicts), len(verdicts))
 
 
-def evaluate_shapes(model: str, lora: str, concept_name: str, n: int, out: Path) -> dict:
-    concept = load_concept(concept_name)
-    judge = get_judge(concept.judge, concept.judge_options)
+def measure(family, concept, judge, n: int) -> tuple[dict, dict]:
+    """Judge the LoRA-loaded `family` against itself with LoRAs off: numbers and the images behind them."""
     colour = concept.judge_options["colour"]
-    family = load_family(model)
-    family.load_loras([(lora, 1.0)])
-    red = concept_prompts(colour, n)
-    other = other_prompts(colour, n)
+    red, other = concept_prompts(colour, n), other_prompts(colour, n)
     red_orig, red_duo = _both(family, red, concept.steps, concept.guidance)
     other_orig, other_duo = _both(family, other, concept.steps, concept.guidance)
     per_word = {}
@@ -55,8 +51,15 @@ def evaluate_shapes(model: str, lora: str, concept_name: str, n: int, out: Path)
                          "definition": "1 − cosine distance of Shapes-judge features, same prompt and seed",
                          "n": len(other)},
     }
-    write_report(out / "report.html", results, {"red prompts": (red, red_orig, red_duo),
-                                                 "other colours": (other, other_orig, other_duo)})
+    return results, {"red prompts": (red, red_orig, red_duo), "other colours": (other, other_orig, other_duo)}
+
+
+def evaluate_shapes(model: str, lora: str, concept_name: str, n: int, out: Path) -> dict:
+    concept = load_concept(concept_name)
+    family = load_family(model)
+    family.load_loras([(lora, 1.0)])
+    results, grids = measure(family, concept, get_judge(concept.judge, concept.judge_options), n)
+    write_report(out / "report.html", results, grids)
     return results
 
 

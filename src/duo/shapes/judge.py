@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from duo.shapes.render import BACKGROUNDS, COLOURS, SHAPES, SIZE, ALL_COMBOS, render_dataset
+from duo.shapes.render import ALL_COMBOS, BACKGROUNDS, COLOURS, SHAPES, SIZE, render_dataset
 
 COLOUR_NAMES = list(COLOURS)
 HEADS = {"colour": COLOUR_NAMES, "shape": list(SHAPES), "background": list(BACKGROUNDS)}
@@ -142,7 +142,7 @@ def train_judge(
 
     net = ShapesNet()
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=max(0.1, 3.0 / steps))
     for step in range(steps):
         net.train()
         idx = torch.randint(0, len(x), (batch,), generator=g)
@@ -181,7 +181,9 @@ def train_judge(
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_suffix(".tmp")
-    meta = {"version": JUDGE_VERSION, "heads": json.dumps(HEADS), "accuracy": json.dumps(result), "seed": str(seed)}
+    # one metadata key: safetensors writes several keys in varying order, one keeps the file bytes stable
+    meta = {"duo": json.dumps({"version": JUDGE_VERSION, "heads": HEADS, "accuracy": result, "seed": seed},
+                              sort_keys=True)}
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp), metadata=meta)
     tmp.replace(out_path)
     return result

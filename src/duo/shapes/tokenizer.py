@@ -73,39 +73,50 @@ def vocabulary() -> list[str]:
     return list(seen)
 
 
+def _train_bpe(words: list[str], weights: dict[str, int]) -> list[tuple[str, str]]:
+    """Deterministic BPE: merge the most frequent adjacent pair (ties: lexicographically smallest) until
+    every word is one symbol. (The `tokenizers` trainer breaks ties differently from run to run.)"""
+    seqs = {w: list(w[:-1]) + [w[-1] + "</w>"] for w in words}
+    merges: list[tuple[str, str]] = []
+    while True:
+        counts: dict[tuple[str, str], int] = {}
+        for w, seq in seqs.items():
+            for pair in zip(seq, seq[1:]):
+                counts[pair] = counts.get(pair, 0) + weights[w]
+        if not counts:
+            return merges
+        best = min(counts, key=lambda pr: (-counts[pr], pr))
+        merges.append(best)
+        for w, seq in seqs.items():
+            out, i = [], 0
+            while i < len(seq):
+                if i + 1 < len(seq) and (seq[i], seq[i + 1]) == best:
+                    out.append(seq[i] + seq[i + 1])
+                    i += 2
+                else:
+                    out.append(seq[i])
+                    i += 1
+            seqs[w] = out
+
+
 def build_tokenizer(folder: str | Path) -> Path:
     """Write vocab.json + merges.txt for a word-level CLIP BPE into `folder`; return it.
 
-    BPE is trained (tokenizers library) on the word list until every word is one symbol: replaying the
-    learned merges in order on a training word reproduces that, so every vocabulary word encodes to
-    exactly one token, and unknown words fall back to pieces and single characters.
+    BPE is trained on the word list until every word is one symbol: replaying the learned merges in
+    order on a training word reproduces that, so every vocabulary word encodes to exactly one token,
+    and unknown words fall back to pieces and single characters. Deterministic: same files every run.
     """
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     words = vocabulary()
+    # grammar words weigh more, so their merges come first
+    merges = _train_bpe(words, {w: 20 if w in GRAMMAR_WORDS else 1 for w in words})
     alphabet = sorted(set(string.printable.strip()))
-    tok = Tokenizer(models.BPE(unk_token=EOS, end_of_word_suffix="</w>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(
-        vocab_size=100_000, min_frequency=1, special_tokens=[], initial_alphabet=alphabet,
-        end_of_word_suffix="</w>", show_progress=False, limit_alphabet=1000,
-    )
-    # Grammar words more often, so their merges come first; every word at least once.
-    corpus = [w for w in words for _ in range(20 if w in GRAMMAR_WORDS else 1)]
-    tok.train_from_iterator(corpus, trainer=trainer)
-    model = json.loads(tok.to_str())["model"]
-    vocab = dict(model["vocab"])
-    for ch in alphabet:  # single characters both inside and at the end of a word
-        vocab.setdefault(ch, len(vocab))
-        vocab.setdefault(ch + "</w>", len(vocab))
-    for special in (BOS, EOS):
-        vocab.setdefault(special, len(vocab))
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
-    ordered = sorted(vocab, key=vocab.get)
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(ordered)}, indent=0))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    vocab: dict[str, int] = {}
+    for tok in alphabet + [c + "</w>" for c in alphabet] + [a + b for a, b in merges] + [BOS, EOS]:
+        vocab.setdefault(tok, len(vocab))
+    (folder / "vocab.json").write_text(json.dumps(vocab, indent=0))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
     return folder
 
 

@@ -19,15 +19,21 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from duo.shapes.render import (
-    BACKGROUNDS, COLOURS, SHAPES, TRAIN_COMBOS, caption_for, colour_prompts, heldout_prompts, render_dataset,
+    BACKGROUNDS,
+    COLOURS,
+    SHAPES,
+    TRAIN_COMBOS,
+    caption_for,
+    colour_prompts,
+    heldout_prompts,
+    render_dataset,
 )
 from duo.shapes.tokenizer import MAX_LENGTH, build_tokenizer, load_tokenizer
 
@@ -156,7 +162,7 @@ def train_vae(images: torch.Tensor, steps: int, seed: int, log, batch: int = 32)
     g = torch.Generator().manual_seed(seed + 1)
     vae = make_vae()
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=max(0.05, 3.0 / steps))
     t0 = time.time()
     for step in range(steps):
         idx = torch.randint(0, len(images), (batch,), generator=g)
@@ -202,7 +208,7 @@ def train_base(
     vae_steps: int = 2000,
     judge_steps: int = 1000,
     judge_finetune_steps: int = 400,
-    unet_steps: int = 8000,
+    unet_steps: int = 8400,
     minutes: float | None = None,
     batch: int = 64,
     lr: float = 5e-4,
@@ -357,7 +363,8 @@ def train_base(
 
         preds = classify(sample(pipe, prompts, seed=999), judge_net)
         asked = [parse_prompt(p) for p in prompts]
-        r = {k: sum(p[k] == a[k] for p, a in zip(preds, asked)) / len(prompts) for k in ("colour", "shape", "background")}
+        r = {k: sum(p[k] == a[k] for p, a in zip(preds, asked)) / len(prompts)
+             for k in ("colour", "shape", "background")}
         r["step"] = step
         return r
 
@@ -430,7 +437,7 @@ def train_base(
 def ship(out_dir: str | Path) -> Path:
     """Install out_dir's pipeline and judge as the package's shipped assets; rewrite SHA256SUMS."""
     from duo.errors import UserError
-    from duo.shapes import ASSETS, _VERIFIED, write_sums
+    from duo.shapes import _VERIFIED, ASSETS, write_sums
 
     out = Path(out_dir)
     if not (out / "pipeline" / "model_index.json").is_file() or not (out / "judge.safetensors").is_file():
@@ -453,7 +460,7 @@ def main() -> None:  # python -m duo.shapes.train_base OUT [seed] [minutes]
     ap.add_argument("out")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--minutes", type=float, default=None)
-    ap.add_argument("--unet-steps", type=int, default=8000)
+    ap.add_argument("--unet-steps", type=int, default=8400)
     ap.add_argument("--vae-steps", type=int, default=2000)
     ap.add_argument("--judge-steps", type=int, default=1000)
     ap.add_argument("--n-images", type=int, default=60_000)

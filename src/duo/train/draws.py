@@ -24,7 +24,7 @@ class StepDraws:
     t_retain: torch.Tensor
     retain_prompt: torch.Tensor  # (G,) index into the retain prompts
 
-    def slice(self, start: int, stop: int) -> "StepDraws":
+    def slice(self, start: int, stop: int) -> StepDraws:
         return StepDraws(**{k: v[start:stop] for k, v in self.__dict__.items()})
 
 

@@ -55,6 +55,7 @@ def train(cfg: TrainConfig) -> Path:
 
     weight_dtype = {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}[cfg.mixed_precision]
     family = load_family(cfg.model, dtype=weight_dtype, device=str(accelerator.device), allow_pickle=cfg.allow_pickle)
+    preference_range(cfg, family, pairs)
     # Only now that the model loaded is anything written (or, with --overwrite, deleted).
     if accelerator.is_main_process:
         if cfg.overwrite and out.exists():
@@ -68,10 +69,13 @@ def train(cfg: TrainConfig) -> Path:
     torch.manual_seed(cfg.seed)
     attach_lora(family.unet, cfg.rank, cfg.alpha, cfg.targets or family.default_lora_targets)
     cache = build_cache(family, pairs, cfg, accelerator.device)
+    family.offload_encoders()  # only the UNet is needed from here on
     params = lora_parameters(family.unet)
     optimizer = torch.optim.AdamW(params, lr=cfg.resolved_lr, betas=(0.9, 0.999), eps=1e-8,
                                   weight_decay=cfg.weight_decay)
     start = _restore(cfg, out, family.unet, optimizer)
+    if accelerator.is_main_process:
+        _truncate_metrics(out, start)  # a resumed run rewrites the steps after its checkpoint
     unet, optimizer = accelerator.prepare(family.unet, optimizer)
     if cfg.tracker:
         accelerator.init_trackers("duo", config={k: v for k, v in cfg.to_dict().items() if v is not None})
@@ -115,14 +119,12 @@ def _restore(cfg: TrainConfig, out: Path, unet, optimizer) -> int:
     if ckpt is None:
         if cfg.resume:
             log.info("no checkpoint in %s: starting from step 0", out)
-        _truncate_metrics(out, 0)
         return 0
     step, lora, opt_state = load_checkpoint(ckpt)
     if step > cfg.steps:
         raise UserError(f"the checkpoint in '{out}' is at step {step}, beyond --steps {cfg.steps}. Raise --steps.")
     set_lora_state(unet, lora)
     optimizer.load_state_dict(opt_state)
-    _truncate_metrics(out, step)
     log.info("resumed from %s (step %d)", ckpt, step)
     return step
 
@@ -152,16 +154,23 @@ def build_cache(family, pairs: PairSet, cfg: TrainConfig, device) -> Cache:
     )
 
 
+def preference_range(cfg: TrainConfig, family, pairs: PairSet) -> tuple[int, int]:
+    """[t_min, t_max) of the preference term: the flags, else what SDEdit at the pairs' strength visits."""
+    lo, hi = family.preference_timesteps(pairs.strength)
+    t_range = (cfg.t_min if cfg.t_min is not None else lo, cfg.t_max if cfg.t_max is not None else hi)
+    if not 0 <= t_range[0] < t_range[1] <= family.num_train_timesteps:
+        raise UserError(f"preference timesteps [{t_range[0]}, {t_range[1]}) are empty or outside the model's "
+                        f"{family.num_train_timesteps} steps; adjust --t-min / --t-max.")
+    return t_range
+
+
 class _Run:
     def __init__(self, cfg, pairs, family, cache, accelerator, unet, optimizer, params):
         self.cfg, self.pairs, self.family, self.cache = cfg, pairs, family, cache
         self.acc, self.unet, self.optimizer, self.params = accelerator, unet, optimizer, params
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
         self.global_batch = cfg.batch_size * cfg.grad_accum * self.world
-        lo, hi = family.preference_timesteps(pairs.strength)
-        self.t_range = (cfg.t_min if cfg.t_min is not None else lo, cfg.t_max if cfg.t_max is not None else hi)
-        if self.t_range[1] > family.num_train_timesteps:
-            raise UserError(f"--t-max {self.t_range[1]} exceeds the model's {family.num_train_timesteps} timesteps")
+        self.t_range = preference_range(cfg, family, pairs)
 
     def step(self, step: int) -> dict:
         cfg, started = self.cfg, time.perf_counter()
