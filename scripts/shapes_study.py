@@ -19,33 +19,83 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ALL_ATTENTION = r".*attn[12]\.(to_q|to_k|to_v|to_out\.0)$"
-PAPER = {"conditioning": "empty", "beta": 500.0, "keep": "noise", "steps": 500}
+CROSS_ATTENTION = r".*attn2\.(to_q|to_k|to_v|to_out\.0)$"
+# Every knob the study touches is set in each row, so the concept file's own `train:` defaults never leak in.
+PAPER = {"conditioning": "empty", "beta": 500.0, "keep": "noise", "steps": 500, "t_max": None, "lam_retain": None,
+         "targets": None, "timesteps": "independent", "retain_prompts": "safe"}
 # name → (curation judge, training overrides). "judge none" = the unfiltered pairs of the paper's recipe.
 CONFIGS = {
     "paper (unfiltered)": ("none", PAPER),
     "paper, filtered pairs": ("shapes", PAPER),
-    "concept β500": ("shapes", {**PAPER, "conditioning": "concept"}),
     "concept β50": ("shapes", {**PAPER, "conditioning": "concept", "beta": 50.0}),
     "concept β50 retain": ("shapes", {**PAPER, "conditioning": "concept", "beta": 50.0, "keep": "noise+retain"}),
     "concept β50 retain, all-attn": ("shapes", {**PAPER, "conditioning": "concept", "beta": 50.0,
                                                 "keep": "noise+retain", "targets": ALL_ATTENTION}),
-    "concept β100 retain, all-attn": ("shapes", {**PAPER, "conditioning": "concept", "beta": 100.0,
-                                                 "keep": "noise+retain", "targets": ALL_ATTENTION}),
-    "concept β25 retain, all-attn": ("shapes", {**PAPER, "conditioning": "concept", "beta": 25.0,
-                                                "keep": "noise+retain", "targets": ALL_ATTENTION}),
-    "mixed β50 retain, all-attn": ("shapes", {**PAPER, "conditioning": "mixed", "beta": 50.0,
-                                              "keep": "noise+retain", "targets": ALL_ATTENTION}),
-    "concept β50 retain-neighbours, all-attn": ("shapes", {**PAPER, "conditioning": "concept", "beta": 50.0,
-                                                           "keep": "noise+retain", "retain_prompts": "neighbours",
-                                                           "targets": ALL_ATTENTION}),
-    "concept β50 retain, all-attn, shared t": ("shapes", {**PAPER, "conditioning": "concept", "beta": 50.0,
-                                                          "keep": "noise+retain", "targets": ALL_ATTENTION,
-                                                          "timesteps": "shared"}),
-    "concept β50 retain, all-attn, 250 steps": ("shapes", {**PAPER, "conditioning": "concept", "beta": 50.0,
-                                                           "keep": "noise+retain", "targets": ALL_ATTENTION,
-                                                           "steps": 250}),
+    # SDEdit at 0.75 never trains t ≥ 750, where a 32-px image's colour is decided: open the range.
+    "concept β50, t<1000": ("shapes", {**PAPER, "conditioning": "concept", "beta": 50.0, "t_max": 1000}),
+    "concept β50 retain, all-attn, t<1000": ("shapes", {**PAPER, "conditioning": "concept", "beta": 50.0,
+                                                        "keep": "noise+retain", "targets": ALL_ATTENTION,
+                                                        "t_max": 1000}),
+    "concept β100 retain, all-attn, t<1000": ("shapes", {**PAPER, "conditioning": "concept", "beta": 100.0,
+                                                         "keep": "noise+retain", "targets": ALL_ATTENTION,
+                                                         "t_max": 1000}),
+    "mixed β50 retain, all-attn, t<1000": ("shapes", {**PAPER, "conditioning": "mixed", "beta": 50.0,
+                                                      "keep": "noise+retain", "targets": ALL_ATTENTION,
+                                                      "t_max": 1000}),
+    "paper, filtered pairs, t<1000": ("shapes", {**PAPER, "t_max": 1000}),
+    # Self-attention never sees the prompt, so a LoRA there cannot tell red prompts from others.
+    "concept β50, all-attn": ("shapes", {**PAPER, "conditioning": "concept", "beta": 50.0, "targets": ALL_ATTENTION}),
+    "concept β50, all-attn, t<1000": ("shapes", {**PAPER, "conditioning": "concept", "beta": 50.0,
+                                                 "targets": ALL_ATTENTION, "t_max": 1000}),
+    "concept β50, cross-attn, t<1000": ("shapes", {**PAPER, "conditioning": "concept", "beta": 50.0,
+                                                   "targets": CROSS_ATTENTION, "t_max": 1000}),
+    "concept β50 retain λr1e4, all-attn, t<1000": ("shapes", {**PAPER, "conditioning": "concept", "beta": 50.0,
+                                                             "keep": "noise+retain", "lam_retain": 1e4,
+                                                             "targets": ALL_ATTENTION, "t_max": 1000}),
+    "concept β50 retain λr5e4, all-attn, t<1000": ("shapes", {**PAPER, "conditioning": "concept", "beta": 50.0,
+                                                             "keep": "noise+retain", "lam_retain": 5e4,
+                                                             "targets": ALL_ATTENTION, "t_max": 1000}),
+    "concept β50 retain λr1e4, cross-attn, t<1000": ("shapes", {**PAPER, "conditioning": "concept", "beta": 50.0,
+                                                               "keep": "noise+retain", "lam_retain": 1e4,
+                                                               "targets": CROSS_ATTENTION, "t_max": 1000}),
 }
-PLANS = {"screen": list(CONFIGS), "final": []}  # final: filled from the screen by --configs
+
+
+def _retain(lam_retain: float, steps: int = 500, t_max: int | None = 1000, beta: float = 50.0, **extra) -> tuple:
+    over = {**PAPER, "conditioning": "concept", "beta": beta, "keep": "noise+retain", "lam_retain": lam_retain,
+            "targets": ALL_ATTENTION, "steps": steps, **extra}
+    if t_max:
+        over["t_max"] = t_max
+    return ("shapes", over)
+
+
+CONFIGS.update({
+    "concept β50 retain λr3e3, all-attn, t<1000": _retain(3e3),
+    "concept β50 retain λr1e3, all-attn, t<1000": _retain(1e3),
+    "concept β50 retain λr1e4, all-attn, t<1000, 1000 steps": _retain(1e4, steps=1000),
+    "concept β50 retain λr3e3, all-attn": _retain(3e3, t_max=None),
+    "concept β50 retain-neighbours λr3e3, all-attn, t<1000": _retain(3e3, retain_prompts="neighbours"),
+    "concept β100 retain λr3e3, all-attn, t<1000": _retain(3e3, beta=100.0),
+    "mixed β50 retain λr1e3, all-attn, t<1000": _retain(1e3, conditioning="mixed"),
+    "concept β50 retain λr1e3, all-attn, t<1000, shared t": _retain(1e3, timesteps="shared"),
+    "concept β50 retain λr1e3, all-attn, t<1000, 250 steps": _retain(1e3, steps=250),
+    "concept β25 retain λr1e3, all-attn, t<1000": _retain(1e3, beta=25.0),
+    "concept β500 retain λr1e3, all-attn, t<1000": _retain(1e3, beta=500.0),
+})
+# Ordered by what each row tells: the paper's recipe, then one lever changed at a time.
+SCREEN = ["paper (unfiltered)", "paper, filtered pairs", "concept β50 retain, all-attn", "concept β50",
+          "concept β50 retain", "concept β50, t<1000", "concept β50 retain, all-attn, t<1000",
+          "concept β100 retain, all-attn, t<1000", "concept β50, all-attn", "concept β50, all-attn, t<1000",
+          "concept β50, cross-attn, t<1000", "concept β50 retain λr1e4, all-attn, t<1000",
+          "concept β50 retain λr5e4, all-attn, t<1000", "concept β50 retain λr3e3, all-attn, t<1000",
+          "concept β50 retain λr1e3, all-attn, t<1000", "concept β50 retain λr1e4, all-attn, t<1000, 1000 steps",
+          "concept β50 retain λr3e3, all-attn", "concept β50 retain-neighbours λr3e3, all-attn, t<1000",
+          "concept β100 retain λr3e3, all-attn, t<1000", "concept β50 retain λr1e4, cross-attn, t<1000",
+          "mixed β50 retain λr1e3, all-attn, t<1000", "concept β50 retain λr1e3, all-attn, t<1000, shared t",
+          "concept β50 retain λr1e3, all-attn, t<1000, 250 steps", "concept β25 retain λr1e3, all-attn, t<1000",
+          "concept β500 retain λr1e3, all-attn, t<1000", "mixed β50 retain, all-attn, t<1000",
+          "paper, filtered pairs, t<1000"]
+PLANS = {"screen": SCREEN, "final": []}  # final: the short list, given by --configs
 
 
 def run_one(name: str, seed: int, root: Path, n_eval: int) -> dict:
@@ -103,7 +153,10 @@ def write_table(rows: list[dict], path: Path, command: str) -> None:
             f"| {_fmt([r['shape_acc_original'] for r in rs])} → {_fmt([r['shape_acc'] for r in rs])} "
             f"| {_fmt([r['pp'] for r in rs])} | {_fmt([r['train_seconds'] for r in rs])} |")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + f"\n\nRegenerate: `{command}`\n")
+    note = ("\n\nMean ± half the range over seeds; n = 60 images per group (DSR: 20 per synonym; other colours: "
+            "12 per colour), DDIM 20 steps, CFG 5, judge `shapes` (colour red, p ≥ 0.5). PP = 1 − cosine distance "
+            "of judge features between original and DUO images of the same prompt and seed.")
+    path.write_text("\n".join(lines) + note + f"\n\nRegenerate: `{command}`\n")
 
 
 def main() -> None:

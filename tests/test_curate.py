@@ -98,3 +98,18 @@ def test_running_out_of_tries_is_a_clear_error(tiny_model, concept_file, tmp_pat
     with pytest.raises(UserError, match="max-tries"):
         curate(CurateConfig(model=tiny_model, concept=concept_file, out=str(tmp_path / "p"), pairs=1,
                             judge="fake", max_tries=2))
+
+
+def test_concept_templates_and_negative_prompt():
+    from duo.data.concepts import concept_from_dict
+
+    concept = concept_from_dict({"name": "c", "parts": [
+        {"name": "p", "pairs": 5, "unsafe": "a {c} {s}", "safe": "a blue {s}", "negative": "{c}",
+         "vars": {"c": ["red", "crimson"], "s": ["star"]}}]})
+    prompts = concept.parts[0].prompt_pairs(seed=3)
+    assert len(prompts) == 5
+    assert all(neg in unsafe and neg in ("red", "crimson") for unsafe, _, neg in prompts)
+    assert {neg for _, _, neg in prompts} == {"red", "crimson"}
+    assert prompts[:2] == prompts[2:4]  # combinations cycle
+    default = concept_from_dict({"name": "c", "parts": [{"name": "p", "pairs": 1, "unsafe": "x", "safe": "y"}]})
+    assert default.parts[0].prompt_pairs(0) == [("x", "y", "x")]  # the authors' negative: the unsafe prompt

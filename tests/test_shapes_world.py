@@ -17,11 +17,31 @@ import yaml
 from duo.errors import UserError
 from duo.shapes import ASSETS, pipeline_path, verify_assets
 from duo.shapes.render import (
-    ALL_COMBOS, BACKGROUNDS, COLOURS, HELD_OUT, SHAPES, TRAIN_COMBOS, Scene, all_captions, caption, parse_prompt,
-    render, render_dataset, sample_scene,
+    ALL_COMBOS,
+    BACKGROUNDS,
+    COLOURS,
+    HELD_OUT,
+    SHAPES,
+    TRAIN_COMBOS,
+    Scene,
+    all_captions,
+    caption,
+    parse_prompt,
+    render,
+    render_dataset,
+    sample_scene,
 )
 
 CONCEPTS = Path(__file__).resolve().parents[1] / "src" / "duo" / "concepts"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: on our shared 2-core machines it is several times faster than two."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 # ------------------------------------------------------------------ renderer
@@ -87,6 +107,14 @@ def test_tokenizer_words_are_single_tokens(tmp_path):
     assert len(ids) > 300 and set(GRAMMAR_WORDS) <= set(ids)
     unknown = tok("zqx", add_special_tokens=False).input_ids
     assert len(set(unknown)) > 1  # falls back to characters, does not collapse onto one id
+
+
+def test_tokenizer_is_deterministic(tmp_path):
+    from duo.shapes.tokenizer import build_tokenizer
+
+    a, b = build_tokenizer(tmp_path / "a"), build_tokenizer(tmp_path / "b")
+    for name in ("vocab.json", "merges.txt"):
+        assert (a / name).read_bytes() == (b / name).read_bytes()
 
 
 # ------------------------------------------------------------------ shipped weights

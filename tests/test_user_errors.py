@@ -106,3 +106,10 @@ def test_nan_loss_stops_with_checkpoints_intact(tiny_model, pairs_dir, tmp_path)
     kept = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step-"))
     assert kept and kept[-1] < "step-0000030"
     assert (out / "checkpoints" / "last").read_text() == kept[-1]
+
+
+def test_empty_timestep_range_is_refused_before_writing(tiny_model, pairs_dir, tmp_path):
+    # strength 0.75 of T = 1000 gives [0, 750): a lower bound of 800 leaves nothing to draw.
+    result = duo("train", "--model", tiny_model, "--data", pairs_dir, "--out", tmp_path / "lora", "--t-min", 800)
+    assert_user_error(result, "--t-min")
+    assert not (tmp_path / "lora").exists()

@@ -60,7 +60,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                  "The loop is real; the images are noise, so there is no judge and no DSR.")
         model, concept = _tiny_world(out)
     curate(CurateConfig(model=model, concept=concept, out=str(out / "pairs"), pairs=cfg.pairs, seed=cfg.seed,
-                        batch_size=16))
+                        batch_size=16, max_tries=20))
     lora = out / "lora"
     if not (lora / LORA_FILE).is_file():
         explicit = {"model": model, "data": str(out / "pairs"), "out": str(lora), "resume": lora.exists()}

@@ -59,3 +59,11 @@ def explicit_values(cls, args: argparse.Namespace) -> dict:
     """Fields the user set (parser built with suppress_defaults)."""
     names = {f.name for f in dataclasses.fields(cls)}
     return {k: v for k, v in vars(args).items() if k in names}
+
+
+def add_command(sub, name: str, cls, run, help: str, description: str, suppress_defaults: bool = False):
+    """A sub-command whose flags are the fields of dataclass `cls`; `run(args)` is called with the namespace."""
+    parser = sub.add_parser(name, help=help, description=description)
+    add_dataclass_flags(parser, cls, suppress_defaults=suppress_defaults)
+    parser.set_defaults(func=run)
+    return parser

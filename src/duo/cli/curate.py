@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from duo.cli.args import add_dataclass_flags, dataclass_from_args
+from duo.cli.args import add_command, dataclass_from_args
 from duo.data.curate import CurateConfig, curate
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("curate", help="make image pairs that differ only in the concept",
-                       description=__doc__.split(":", 1)[1].strip() + " Rerunning with the same --out resumes; "
-                       "finished pairs are never redone. Concept YAML schema: see README.")
-    add_dataclass_flags(p, CurateConfig)
-    p.set_defaults(func=run)
+    add_command(sub, "curate", CurateConfig, run, help="make image pairs that differ only in the concept",
+                description=__doc__.split(":", 1)[1].strip() + " Rerunning with the same --out resumes; "
+                "finished pairs are never redone. Concept YAML schema: see README.")
 
 
 def run(args) -> int:

@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-from duo.cli.args import add_dataclass_flags, dataclass_from_args
+from duo.cli.args import add_command, dataclass_from_args
 from duo.demo import DemoConfig, run_demo
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("demo", help="run the whole DUO loop on the built-in Shapes world",
-                       description=__doc__.split(":", 1)[1].strip() + " Writes results.json and report.html "
-                       "in --out; a rerun resumes finished stages.")
-    add_dataclass_flags(p, DemoConfig)
-    p.set_defaults(func=run)
+    add_command(sub, "demo", DemoConfig, run, help="run the whole DUO loop on the built-in Shapes world",
+                description=__doc__.split(":", 1)[1].strip() + " Writes results.json and report.html "
+                "in --out; a rerun resumes finished stages.")
 
 
 def run(args) -> int:
     results = run_demo(dataclass_from_args(DemoConfig, args))
     print(format_table(results))
-    print(f"\nresults: {args.out}/results.json" + (f", report: {args.out}/report.html" if results["world"] == "shapes" else ""))
+    report = f", report: {args.out}/report.html" if results["world"] == "shapes" else ""
+    print(f"\nresults: {args.out}/results.json{report}")
     return 0
 
 

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from duo.cli.args import add_dataclass_flags, dataclass_from_args
+from duo.cli.args import add_command, dataclass_from_args
 from duo.sample import SampleConfig, sample
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("sample", help="generate images with a model and LoRAs",
-                       description="Generate every prompt × seed. --lora DIR[:WEIGHT] may be repeated to "
-                       "combine LoRAs (the violence preset: four parts at weight 1).")
-    add_dataclass_flags(p, SampleConfig)
-    p.set_defaults(func=run)
+    add_command(sub, "sample", SampleConfig, run, help="generate images with a model and LoRAs",
+                description="Generate every prompt × seed. --lora DIR[:WEIGHT] may be repeated to "
+                "combine LoRAs (the violence preset: four parts at weight 1).")
 
 
 def run(args) -> int:

@@ -103,15 +103,27 @@ def resolved_settings(concept: Concept, cfg: CurateConfig) -> dict:
     }
 
 
+# Concept fields that do not decide any pixel: a resumed run may change them, and they are updated in place.
+METADATA_FIELDS = ("description", "unsafe_words", "neighbours", "train", "source")
+
+
+def _pixel_settings(settings: dict) -> dict:
+    concept = {k: v for k, v in settings["concept"].items() if k not in METADATA_FIELDS}
+    return json.loads(json.dumps({**settings, "concept": concept}))
+
+
 def _check_resume(out: Path, settings: dict) -> None:
     path = out / CONFIG
     if not path.is_file():
         return
-    previous = json.loads(path.read_text()).get("settings")
-    if previous != json.loads(json.dumps(settings)):
-        changed = sorted(k for k in settings if previous.get(k) != json.loads(json.dumps(settings)).get(k))
+    stored = json.loads(path.read_text())
+    previous, now = _pixel_settings(stored["settings"]), _pixel_settings(settings)
+    if previous != now:
+        changed = sorted(k for k in now if previous.get(k) != now.get(k))
         raise UserError(f"'{out}' holds pairs made with other settings (differs in: {', '.join(changed)}). "
                         "Use a new --out folder, or rerun with the original settings to resume.")
+    if stored["settings"] != json.loads(json.dumps(settings)):
+        atomic_write_text(path, json.dumps({**stored, "settings": settings}, indent=2))
 
 
 def curate(cfg: CurateConfig) -> Path:

@@ -52,6 +52,8 @@ class TrainConfig:
     overwrite: bool = _f(False, "delete what --out holds and start afresh")
     fuse: bool = _f(False, "also write the full pipeline with the LoRA fused into the weights")
     device: str | None = _f(None, "cpu or cuda (default: what accelerate picks)")
+    threads: int | None = _f(None, "CPU threads for torch (default: torch's choice); 1 per process when "
+                             "several jobs share a small CPU, or they slow each other down several-fold")
     tracker: str | None = _f(None, "accelerate tracker (tensorboard, wandb, ...); none by default")
     allow_pickle: bool = _f(False, "allow loading pickled (.bin/.ckpt) weights")
 
@@ -82,6 +84,7 @@ class TrainConfig:
             (self.rank >= 1 and self.alpha > 0, "--rank must be ≥ 1 and --alpha > 0"),
             (self.batch_size >= 1 and self.grad_accum >= 1, "--batch-size and --grad-accum must be ≥ 1"),
             (self.checkpoint_every >= 1, "--checkpoint-every must be ≥ 1"),
+            (self.threads is None or self.threads >= 1, "--threads must be ≥ 1"),
             (self.lr is None or self.lr > 0, "--lr must be positive"),
             (self.lam is None or self.lam >= 0, "--lam must be ≥ 0"),
             (self.grad_clip > 0, "--grad-clip must be positive"),
@@ -104,7 +107,8 @@ class TrainConfig:
 
 
 # Settings a resumed run may change: the rest must equal the first run's.
-RESUMABLE_CHANGES = {"steps", "resume", "overwrite", "fuse", "checkpoint_every", "tracker", "device", "allow_pickle"}
+RESUMABLE_CHANGES = {"steps", "resume", "overwrite", "fuse", "checkpoint_every", "tracker", "device", "allow_pickle",
+                     "threads"}
 
 
 def config_with_concept_defaults(explicit: dict, concept_train: dict) -> TrainConfig:

@@ -41,6 +41,8 @@ class Cache:
 def train(cfg: TrainConfig) -> Path:
     """Train a DUO LoRA; returns the output folder. Resumes with cfg.resume."""
     cfg.validate()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     pairs = load_pairs(cfg.data, cfg.part)
     out = Path(cfg.out)
     _check_out_folder(cfg, out)
