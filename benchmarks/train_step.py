@@ -46,20 +46,35 @@ VARIANTS = {
 # UNet2DConditionModel / AutoencoderKL / CLIPTextConfig kwargs per size.
 SIZES = {
     "full": {
-        "unet": {"sample_size": 32, "block_out_channels": (128, 256, 256, 256), "layers_per_block": 2,
-                 "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                 "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-                 "cross_attention_dim": 768, "attention_head_dim": 8},
+        "unet": {
+            "sample_size": 32,
+            "block_out_channels": (128, 256, 256, 256),
+            "layers_per_block": 2,
+            "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            "cross_attention_dim": 768,
+            "attention_head_dim": 8,
+        },
         "vae": {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "latent_channels": 4},
         "text": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12},
     },
     "small": {
-        "unet": {"sample_size": 8, "block_out_channels": (32, 64), "layers_per_block": 1,
-                 "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
-                 "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
-                 "cross_attention_dim": 32, "attention_head_dim": 8, "norm_num_groups": 8},
-        "vae": {"block_out_channels": (8, 16, 32, 32), "layers_per_block": 1, "latent_channels": 4,
-                "norm_num_groups": 8},
+        "unet": {
+            "sample_size": 8,
+            "block_out_channels": (32, 64),
+            "layers_per_block": 1,
+            "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+            "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+            "cross_attention_dim": 32,
+            "attention_head_dim": 8,
+            "norm_num_groups": 8,
+        },
+        "vae": {
+            "block_out_channels": (8, 16, 32, 32),
+            "layers_per_block": 1,
+            "latent_channels": 4,
+            "norm_num_groups": 8,
+        },
         "text": {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4},
     },
 }
@@ -74,6 +89,7 @@ PROMPTS = [  # (unsafe, safe); words from duo.models.tiny.WORDS so the toy token
 
 # ---- fixtures: a random pipeline and a pairs folder --------------------------------------------------
 
+
 def build_pipeline(folder: Path, size: str, seed: int = 0) -> dict[str, int]:
     """Random SD 1.x-shaped pipeline saved to `folder` (like duo.models.tiny, other sizes); returns param counts."""
     import torch
@@ -86,23 +102,51 @@ def build_pipeline(folder: Path, size: str, seed: int = 0) -> dict[str, int]:
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**spec["unet"])
     latent = spec["unet"]["sample_size"]
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, sample_size=latent * 8, **spec["vae"])
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        sample_size=latent * 8,
+        **spec["vae"],
+    )
     tok_dir = folder.parent / f"{folder.name}-tokenizer"
     write_tokenizer(tok_dir)
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
-        **spec["text"]))
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            max_position_embeddings=77,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+            **spec["text"],
+        )
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.save_pretrained(folder)
     shutil.rmtree(tok_dir)
-    return {name: sum(p.numel() for p in m.parameters())
-            for name, m in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder))}
+    return {
+        name: sum(p.numel() for p in m.parameters())
+        for name, m in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder))
+    }
 
 
 def write_pairs(folder: Path, n: int, resolution: int, seed: int = 0) -> None:
@@ -114,12 +158,34 @@ def write_pairs(folder: Path, n: int, resolution: int, seed: int = 0) -> None:
     from duo.data.curate import CONFIG, MANIFEST
     from duo.data.files import append_jsonl, atomic_save_image, atomic_write_text
 
-    concept = concept_from_dict({"name": "bench", "parts": [
-        {"name": "bench", "pairs": n, "unsafe": "a naked {who}", "safe": "a dressed {who}",
-         "vars": {"who": ["woman", "man"]}}]}, source="benchmarks/train_step.py")
-    settings = {"model": "random", "concept": concept.to_dict(), "seed": seed, "strength": 0.75, "steps": 1,
-                "guidance": 7.5, "resolution": resolution, "judge": "none", "judge_options": {},
-                "require_match": False, "dtype": "float32"}
+    concept = concept_from_dict(
+        {
+            "name": "bench",
+            "parts": [
+                {
+                    "name": "bench",
+                    "pairs": n,
+                    "unsafe": "a naked {who}",
+                    "safe": "a dressed {who}",
+                    "vars": {"who": ["woman", "man"]},
+                }
+            ],
+        },
+        source="benchmarks/train_step.py",
+    )
+    settings = {
+        "model": "random",
+        "concept": concept.to_dict(),
+        "seed": seed,
+        "strength": 0.75,
+        "steps": 1,
+        "guidance": 7.5,
+        "resolution": resolution,
+        "judge": "none",
+        "judge_options": {},
+        "require_match": False,
+        "dtype": "float32",
+    }
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(folder / CONFIG, json.dumps({"settings": settings}, indent=2))
     rng = np.random.default_rng(seed)
@@ -131,16 +197,32 @@ def write_pairs(folder: Path, n: int, resolution: int, seed: int = 0) -> None:
             pixels = rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8)
             atomic_save_image(folder / files[kind], Image.fromarray(pixels))
         unsafe, safe = PROMPTS[i % len(PROMPTS)]
-        append_jsonl(folder / MANIFEST, {
-            "id": pid, "part": "bench", "index": i, "model": "random",
-            "unsafe": {"file": files["unsafe"], "prompt": unsafe, "seed": i, "tries": 1, "judge": None},
-            "safe": {"file": files["safe"], "prompt": safe, "negative_prompt": unsafe, "strength": 0.75,
-                     "seed": i, "tries": 1, "judge": None},
-            "steps": 1, "guidance": 7.5, "resolution": resolution,
-        })
+        append_jsonl(
+            folder / MANIFEST,
+            {
+                "id": pid,
+                "part": "bench",
+                "index": i,
+                "model": "random",
+                "unsafe": {"file": files["unsafe"], "prompt": unsafe, "seed": i, "tries": 1, "judge": None},
+                "safe": {
+                    "file": files["safe"],
+                    "prompt": safe,
+                    "negative_prompt": unsafe,
+                    "strength": 0.75,
+                    "seed": i,
+                    "tries": 1,
+                    "judge": None,
+                },
+                "steps": 1,
+                "guidance": 7.5,
+                "resolution": resolution,
+            },
+        )
 
 
 # ---- the two variants (child side) -------------------------------------------------------------------
+
 
 def baseline_run_class():
     """`_Run` with the public trainer's structure: encode images and prompts inside every micro-step."""
@@ -160,13 +242,17 @@ def baseline_run_class():
             unsafe_prompts, safe_prompts = pairs.unsafe_prompts, pairs.safe_prompts
             prompts = [""] + [unsafe_prompts[i] for i in idx]
             if cfg.keep == "noise+retain":
-                prompts += (pairs.concept.neighbours if cfg.retain_prompts == "neighbours"
-                            else [safe_prompts[i] for i in idx])
+                prompts += (
+                    pairs.concept.neighbours if cfg.retain_prompts == "neighbours" else [safe_prompts[i] for i in idx]
+                )
             emb = fam.encode_prompts(prompts).to(dev)
-            cache = Cache(mean=torch.stack([mean[:b], mean[b:]], 1).to(dev),
-                          std=torch.stack([std[:b], std[b:]], 1).to(dev),
-                          emb_empty=emb[:1], emb_unsafe=emb[1:1 + b],
-                          emb_retain=emb[1 + b:] if cfg.keep == "noise+retain" else emb[:1])
+            cache = Cache(
+                mean=torch.stack([mean[:b], mean[b:]], 1).to(dev),
+                std=torch.stack([std[:b], std[b:]], 1).to(dev),
+                emb_empty=emb[:1],
+                emb_unsafe=emb[1 : 1 + b],
+                emb_retain=emb[1 + b :] if cfg.keep == "noise+retain" else emb[:1],
+            )
             # Rows of this per-step cache are the micro-batch's slots, in order.
             local = dataclasses.replace(d, pair_index=torch.arange(b))
             saved, self.cache = self.cache, cache
@@ -189,8 +275,9 @@ def setup_run(variant: str, pipeline: str, data: str, n_pairs: int, out: str):
     from duo.train.config import TrainConfig
     from duo.train.loop import _Run, build_cache
 
-    cfg = TrainConfig(model=pipeline, data=data, out=out, batch_size=n_pairs, grad_accum=1, device="cpu",
-                      mixed_precision="no")
+    cfg = TrainConfig(
+        model=pipeline, data=data, out=out, batch_size=n_pairs, grad_accum=1, device="cpu", mixed_precision="no"
+    )
     cfg.validate()
     pairs = load_pairs(cfg.data, cfg.part)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=True)
@@ -199,8 +286,9 @@ def setup_run(variant: str, pipeline: str, data: str, n_pairs: int, out: str):
     attach_lora(family.unet, cfg.rank, cfg.alpha, cfg.targets or family.default_lora_targets)
     cache = build_cache(family, pairs, cfg, accelerator.device)
     params = lora_parameters(family.unet)
-    optimizer = torch.optim.AdamW(params, lr=cfg.resolved_lr, betas=(0.9, 0.999), eps=1e-8,
-                                  weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.resolved_lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay
+    )
     unet, optimizer = accelerator.prepare(family.unet, optimizer)
     run_cls = _Run if variant == "ours" else baseline_run_class()
     return run_cls(cfg, pairs, family, cache, accelerator, unet, optimizer, params)
@@ -248,8 +336,15 @@ def child_main(args) -> None:
     setup_s = time.perf_counter() - started
     setup_peak_kb = _status_kb("VmHWM")  # clear_refs resets VmHWM and ru_maxrss alike: keep it
     reset = _reset_peak_rss()
-    reply({"ready": True, "setup_s": setup_s, "rss_mb": _status_kb("VmRSS") / 1024, "hwm_reset": reset,
-           "threads": torch.get_num_threads()})
+    reply(
+        {
+            "ready": True,
+            "setup_s": setup_s,
+            "rss_mb": _status_kb("VmRSS") / 1024,
+            "hwm_reset": reset,
+            "threads": torch.get_num_threads(),
+        }
+    )
     step = 0
     for line in sys.stdin:
         cmd = line.split()
@@ -271,16 +366,31 @@ def child_main(args) -> None:
 
 # ---- parent: orchestrate, alternate, report ----------------------------------------------------------
 
+
 class Child:
     def __init__(self, variant: str, args, pipeline: Path, data: Path, tmp: Path):
         self.variant = variant
         self.log_path = tmp / f"{variant}.log"
         self.log = open(self.log_path, "w")  # noqa: SIM115 (closed in quit)
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", variant, "--pipeline", str(pipeline),
-               "--data", str(data), "--pairs", str(args.pairs), "--threads", str(args.threads),
-               "--out", str(tmp / f"out-{variant}")]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
-                                     text=True, bufsize=1)
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--child",
+            variant,
+            "--pipeline",
+            str(pipeline),
+            "--data",
+            str(data),
+            "--pairs",
+            str(args.pairs),
+            "--threads",
+            str(args.threads),
+            "--out",
+            str(tmp / f"out-{variant}"),
+        ]
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, bufsize=1
+        )
 
     def read(self) -> dict:
         line = self.proc.stdout.readline()
@@ -319,22 +429,33 @@ def parent_main(args) -> int:
         counts = build_pipeline(pipeline, size)
         latent = SIZES[size]["unet"]["sample_size"]
         write_pairs(data, args.n_data_pairs, latent * 8)
-        print(f"[{size}] UNet {counts['unet'] / 1e6:.1f} M params at {latent}×{latent} latents "
-              f"({latent * 8} px), VAE {counts['vae'] / 1e6:.1f} M, text encoder {counts['text_encoder'] / 1e6:.1f} M; "
-              f"{args.pairs} pairs/step from {args.n_data_pairs}; torch threads {args.threads}; "
-              f"fixtures built in {time.perf_counter() - t_start:.0f} s", flush=True)
+        print(
+            f"[{size}] UNet {counts['unet'] / 1e6:.1f} M params at {latent}×{latent} latents "
+            f"({latent * 8} px), VAE {counts['vae'] / 1e6:.1f} M, text encoder {counts['text_encoder'] / 1e6:.1f} M; "
+            f"{args.pairs} pairs/step from {args.n_data_pairs}; torch threads {args.threads}; "
+            f"fixtures built in {time.perf_counter() - t_start:.0f} s",
+            flush=True,
+        )
         for v in VARIANTS:
             children[v] = Child(v, args, pipeline, data, tmp)
         for v, c in children.items():
             ready = c.read()
-            print(f"  {v}: setup {ready['setup_s']:.1f} s, RSS after setup {ready['rss_mb']:.0f} MB"
-                  + ("" if ready["hwm_reset"] else " (could not reset VmHWM: peak includes setup)"), flush=True)
+            print(
+                f"  {v}: setup {ready['setup_s']:.1f} s, RSS after setup {ready['rss_mb']:.0f} MB"
+                + ("" if ready["hwm_reset"] else " (could not reset VmHWM: peak includes setup)"),
+                flush=True,
+            )
 
         warm = {v: c.run(args.warmup)["metrics"][-1] for v, c in children.items() if args.warmup}
         if warm:  # same LoRA init and draws: the objective is the same iff these agree (to float noise)
-            print(f"  metrics of warm-up step {args.warmup}: " + "; ".join(
-                f"{v} loss {m['loss']:.6g} pref {m['pref']:.6g} keep {m['keep']:.4g} grad_norm {m['grad_norm']:.4g}"
-                for v, m in warm.items()), flush=True)
+            print(
+                f"  metrics of warm-up step {args.warmup}: "
+                + "; ".join(
+                    f"{v} loss {m['loss']:.6g} pref {m['pref']:.6g} keep {m['keep']:.4g} grad_norm {m['grad_norm']:.4g}"
+                    for v, m in warm.items()
+                ),
+                flush=True,
+            )
 
         times = {v: [] for v in VARIANTS}
         round_ratios = []
@@ -346,9 +467,12 @@ def parent_main(args) -> int:
                 times[v] += got
                 medians[v] = statistics.median(got)
             round_ratios.append(medians["baseline"] / medians["ours"])
-            print(f"  round {r + 1}/{args.rounds} ({' '.join(order)}): "
-                  + ", ".join(f"{v} {medians[v]:.3f} s" for v in VARIANTS)
-                  + f", ratio {round_ratios[-1]:.2f}", flush=True)
+            print(
+                f"  round {r + 1}/{args.rounds} ({' '.join(order)}): "
+                + ", ".join(f"{v} {medians[v]:.3f} s" for v in VARIANTS)
+                + f", ratio {round_ratios[-1]:.2f}",
+                flush=True,
+            )
         peaks = {v: c.quit() for v, c in children.items()}
     finally:
         for c in children.values():
@@ -364,9 +488,16 @@ def parent_main(args) -> int:
     ratio = med["baseline"] / med["ours"]
     rows = [("variant", "median s/step", "peak RSS MB", "min-max s/step", "timed steps", "peak RSS MB incl. setup")]
     for v, label in VARIANTS.items():
-        rows.append((label, f"{med[v]:.3f}", f"{peaks[v]['peak_steps_mb']:.0f}",
-                     f"{min(times[v]):.3f}-{max(times[v]):.3f}", str(len(times[v])),
-                     f"{peaks[v]['peak_process_mb']:.0f}"))
+        rows.append(
+            (
+                label,
+                f"{med[v]:.3f}",
+                f"{peaks[v]['peak_steps_mb']:.0f}",
+                f"{min(times[v]):.3f}-{max(times[v]):.3f}",
+                str(len(times[v])),
+                f"{peaks[v]['peak_process_mb']:.0f}",
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     print()
     for i, row in enumerate(rows):
@@ -374,25 +505,34 @@ def parent_main(args) -> int:
         if i == 0:
             print("-+-".join("-" * w for w in widths))
     print(f"ratio (baseline / ours): {ratio:.2f}")
-    print(f"median of per-round ratios: {statistics.median(round_ratios):.2f} "
-          f"(rounds: {', '.join(f'{x:.2f}' for x in round_ratios)})")
+    print(
+        f"median of per-round ratios: {statistics.median(round_ratios):.2f} "
+        f"(rounds: {', '.join(f'{x:.2f}' for x in round_ratios)})"
+    )
     faster = ratio > 1.0
     print(f"ours is {'faster' if faster else 'NOT faster'}; total {time.perf_counter() - t_start:.0f} s")
     return 0 if faster or not args.fail_if_slower else 1
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--rounds", type=int, default=None, help="alternation rounds (default 6; --small 4)")
-    p.add_argument("--steps-per-round", type=int, default=None, help="timed steps per variant per round "
-                   "(default 3; --small 5)")
+    p.add_argument(
+        "--steps-per-round", type=int, default=None, help="timed steps per variant per round (default 3; --small 5)"
+    )
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant before the rounds")
     p.add_argument("--pairs", type=int, default=2, help="pairs per step")
     p.add_argument("--small", action="store_true", help="tiny UNet/VAE/text encoder: a < 60 s smoke check")
-    p.add_argument("--threads", type=int, default=2, help="torch threads in each process. While another "
-                   "process keeps a core busy, use 1: 2 threads then wait on each other (~7x slower steps) and "
-                   "the times measure the scheduler, not the step")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="torch threads in each process. While another "
+        "process keeps a core busy, use 1: 2 threads then wait on each other (~7x slower steps) and "
+        "the times measure the scheduler, not the step",
+    )
     p.add_argument("--n-data-pairs", type=int, default=4, help="pairs in the generated data folder")
     p.add_argument("--keep-tmp", action="store_true", help="keep the generated pipeline and pairs")
     p.add_argument("--fail-if-slower", action="store_true", help="exit 1 unless ours is faster")

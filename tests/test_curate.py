@@ -70,8 +70,7 @@ class RejectFirstTries:
         for p in prompts:
             n = self.calls[p] = self.calls.get(p, 0) + 1
             unsafe = "naked" in p
-            verdicts.append(Verdict(present=unsafe and n >= 3, score=0.9 if unsafe else 0.1,
-                                    matches_prompt=True))
+            verdicts.append(Verdict(present=unsafe and n >= 3, score=0.9 if unsafe else 0.1, matches_prompt=True))
         return verdicts
 
     def provenance(self):
@@ -96,16 +95,31 @@ def test_running_out_of_tries_is_a_clear_error(tiny_model, concept_file, tmp_pat
 
     monkeypatch.setattr(duo.judges, "get_judge", lambda name, options=None: RejectFirstTries())
     with pytest.raises(UserError, match="max-tries"):
-        curate(CurateConfig(model=tiny_model, concept=concept_file, out=str(tmp_path / "p"), pairs=1,
-                            judge="fake", max_tries=2))
+        curate(
+            CurateConfig(
+                model=tiny_model, concept=concept_file, out=str(tmp_path / "p"), pairs=1, judge="fake", max_tries=2
+            )
+        )
 
 
 def test_concept_templates_and_negative_prompt():
     from duo.data.concepts import concept_from_dict
 
-    concept = concept_from_dict({"name": "c", "parts": [
-        {"name": "p", "pairs": 5, "unsafe": "a {c} {s}", "safe": "a blue {s}", "negative": "{c}",
-         "vars": {"c": ["red", "crimson"], "s": ["star"]}}]})
+    concept = concept_from_dict(
+        {
+            "name": "c",
+            "parts": [
+                {
+                    "name": "p",
+                    "pairs": 5,
+                    "unsafe": "a {c} {s}",
+                    "safe": "a blue {s}",
+                    "negative": "{c}",
+                    "vars": {"c": ["red", "crimson"], "s": ["star"]},
+                }
+            ],
+        }
+    )
     prompts = concept.parts[0].prompt_pairs(seed=3)
     assert len(prompts) == 5
     assert all(neg in unsafe and neg in ("red", "crimson") for unsafe, _, neg in prompts)

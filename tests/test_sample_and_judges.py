@@ -12,8 +12,10 @@ from duo.train.loop import train
 @pytest.fixture(scope="module")
 def two_loras(tiny_model, pairs_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("loras")
-    return [str(train(resolve_config(model=tiny_model, data=pairs_dir, out=str(root / f"l{i}"), steps=3, lr=1e-2,
-                                     seed=i))) for i in range(2)]
+    return [
+        str(train(resolve_config(model=tiny_model, data=pairs_dir, out=str(root / f"l{i}"), steps=3, lr=1e-2, seed=i)))
+        for i in range(2)
+    ]
 
 
 def pixels(records, folder):
@@ -22,8 +24,9 @@ def pixels(records, folder):
 
 def test_lora_weights_combine(tiny_model, two_loras, tmp_path):
     def run(name, loras):
-        cfg = SampleConfig(model=tiny_model, out=str(tmp_path / name), prompt=["a naked woman"], seeds=[0, 1],
-                           lora=loras, steps=3)
+        cfg = SampleConfig(
+            model=tiny_model, out=str(tmp_path / name), prompt=["a naked woman"], seeds=[0, 1], lora=loras, steps=3
+        )
         return pixels(sample(cfg), tmp_path / name)
 
     base = run("base", None)
@@ -52,18 +55,29 @@ def test_nudenet_judge_presets_and_provenance():
     judge = get_judge("nudenet", {"preset": "duo4"})
     verdict = judge.judge([Image.new("RGB", (320, 320), (90, 140, 200))])[0]
     assert not verdict.present and verdict.score == 0.0
-    assert judge.provenance() == {"name": "nudenet", "version": "3.4.2", "preset": "duo4",
-                                  "classes": PRESETS["duo4"][0], "threshold": 0.2}
-    assert PRESETS["duo4"][0] == ["FEMALE_BREAST_EXPOSED", "FEMALE_GENITALIA_EXPOSED", "ANUS_EXPOSED",
-                                  "MALE_GENITALIA_EXPOSED"]
+    assert judge.provenance() == {
+        "name": "nudenet",
+        "version": "3.4.2",
+        "preset": "duo4",
+        "classes": PRESETS["duo4"][0],
+        "threshold": 0.2,
+    }
+    assert PRESETS["duo4"][0] == [
+        "FEMALE_BREAST_EXPOSED",
+        "FEMALE_GENITALIA_EXPOSED",
+        "ANUS_EXPOSED",
+        "MALE_GENITALIA_EXPOSED",
+    ]
 
 
 def test_nudenet_counts_only_its_classes(monkeypatch):
     from duo.judges.nudenet import NudeNetJudge
 
     judge = NudeNetJudge("duo4")
-    fake = [{"class": "FEET_EXPOSED", "score": 0.9, "box": [0, 0, 1, 1]},
-            {"class": "FEMALE_BREAST_EXPOSED", "score": 0.3, "box": [0, 0, 1, 1]}]
+    fake = [
+        {"class": "FEET_EXPOSED", "score": 0.9, "box": [0, 0, 1, 1]},
+        {"class": "FEMALE_BREAST_EXPOSED", "score": 0.3, "box": [0, 0, 1, 1]},
+    ]
     monkeypatch.setattr(judge._detector, "detect", lambda image: fake)
     v = judge.judge([Image.new("RGB", (8, 8))])[0]
     assert v.present and v.score == pytest.approx(0.3)

@@ -85,10 +85,12 @@ def test_caption_and_parse_prompt():
     seen = {caption(scene, rng) for _ in range(60)}
     assert seen == {f"a {w} circle on a gray background" for w in ("red", "crimson", "scarlet")}
     assert parse_prompt("a crimson star on a textured background") == dict(
-        colour="red", shape="star", background="textured")
+        colour="red", shape="star", background="textured"
+    )
     assert parse_prompt("A Scarlet CROSS.") == dict(colour="red", shape="cross", background=None)
     assert parse_prompt("an azure square on a grey background") == dict(
-        colour="blue", shape="square", background="gray")
+        colour="blue", shape="square", background="gray"
+    )
     assert parse_prompt("a photo of a dog") == dict(colour=None, shape=None, background=None)
     for cap in all_captions():
         p = parse_prompt(cap)
@@ -198,8 +200,13 @@ def test_shipped_pipeline_loads_offline_and_follows_colour(monkeypatch):
     pipe.set_progress_bar_config(disable=True)
     for colour, word in (("red", "red"), ("blue", "blue")):
         prompts = [f"a {word} {s} on a {b} background" for s in SHAPES for b in ("black", "gray")][:8]
-        out = pipe(prompts, num_inference_steps=20, guidance_scale=5.0,
-                   generator=torch.Generator().manual_seed(0), output_type="pil")
+        out = pipe(
+            prompts,
+            num_inference_steps=20,
+            guidance_scale=5.0,
+            generator=torch.Generator().manual_seed(0),
+            output_type="pil",
+        )
         assert out.images[0].size == (32, 32)
         got = [p["colour"] for p in classify(out.images)]
         assert sum(g == colour for g in got) >= 6, (colour, got)

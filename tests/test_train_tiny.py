@@ -35,7 +35,9 @@ def test_plain_diffusers_loads_the_lora_and_output_changes(tiny_model, pairs_dir
     assert (out / "README.md").read_text().count("data hash") == 1
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(1, 21))
-    assert {"loss", "pref", "keep", "accuracy", "delta_win", "delta_lose", "grad_norm", "lr", "seconds"} <= metrics[0].keys()
+    assert {"loss", "pref", "keep", "accuracy", "delta_win", "delta_lose", "grad_norm", "lr", "seconds"} <= metrics[
+        0
+    ].keys()
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
     kwargs = dict(prompt="a naked white woman, realistic photo", num_inference_steps=4, output_type="np")
@@ -95,10 +97,13 @@ def test_noise_is_shared_within_a_pair(tiny_model, pairs_dir, tmp_path, monkeypa
     assert not torch.equal(lose, retain)
 
 
-@pytest.mark.parametrize("variant", [
-    {"conditioning": "concept", "timesteps": "shared"},
-    {"conditioning": "mixed", "keep": "noise+retain", "retain_prompts": "neighbours"},
-])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {"conditioning": "concept", "timesteps": "shared"},
+        {"conditioning": "mixed", "keep": "noise+retain", "retain_prompts": "neighbours"},
+    ],
+)
 def test_variants_train(tiny_model, pairs_dir, tmp_path, variant):
     out = run_train(tiny_model, pairs_dir, tmp_path / "v", steps=2, **variant)
     config = json.loads((out / "config.json").read_text())
@@ -135,9 +140,32 @@ def test_two_processes_match_one(tiny_model, pairs_dir, tmp_path):
     """DDP (gloo on CPU): 2 processes × 2 pairs follow the 1 process × 4 pairs loss curve."""
     accelerate = Path(sys.executable).parent / "accelerate"
     two = tmp_path / "ddp"
-    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "duo", "train", "--model", tiny_model,
-           "--data", pairs_dir, "--out", str(two), "--steps", "4", "--batch-size", "2"]
+    cmd = [
+        str(accelerate),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "duo",
+        "train",
+        "--model",
+        tiny_model,
+        "--data",
+        pairs_dir,
+        "--out",
+        str(two),
+        "--steps",
+        "4",
+        "--batch-size",
+        "2",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((two / "config.json").read_text())["processes"] == 2

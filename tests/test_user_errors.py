@@ -9,8 +9,9 @@ import pytest
 
 
 def duo(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "duo", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "duo", *map(str, args)], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def tree_digest(folder: Path) -> str:
@@ -35,18 +36,27 @@ def test_help(command):
 
 
 def test_missing_model(concept_file, tmp_path):
-    assert_user_error(duo("curate", "--model", tmp_path / "nope", "--concept", concept_file, "--out", tmp_path / "o"),
-                      "nope", "not found")
-    assert_user_error(duo("curate", "--model", "someone/not-cached", "--concept", concept_file, "--out", tmp_path / "o"),
-                      "someone/not-cached", "HF_HUB_OFFLINE")
+    assert_user_error(
+        duo("curate", "--model", tmp_path / "nope", "--concept", concept_file, "--out", tmp_path / "o"),
+        "nope",
+        "not found",
+    )
+    assert_user_error(
+        duo("curate", "--model", "someone/not-cached", "--concept", concept_file, "--out", tmp_path / "o"),
+        "someone/not-cached",
+        "HF_HUB_OFFLINE",
+    )
 
 
-@pytest.mark.parametrize("text,words", [
-    ("", ["empty"]),
-    ("name: x\nparts: [{name: a, pairs: 2, unsafe: 'a {y}', safe: b}]", ["{y}"]),
-    ("name: x\ncolour: red\nparts: []", ["unknown keys"]),
-    ("name: [unclosed", ["not valid YAML"]),
-])
+@pytest.mark.parametrize(
+    "text,words",
+    [
+        ("", ["empty"]),
+        ("name: x\nparts: [{name: a, pairs: 2, unsafe: 'a {y}', safe: b}]", ["{y}"]),
+        ("name: x\ncolour: red\nparts: []", ["unknown keys"]),
+        ("name: [unclosed", ["not valid YAML"]),
+    ],
+)
 def test_bad_concept_file(tiny_model, tmp_path, text, words):
     path = tmp_path / "c.yaml"
     path.write_text(text)
@@ -74,12 +84,15 @@ def test_corrupt_png(tiny_model, pairs_dir, tmp_path):
     assert_user_error(result, "naked-00002-unsafe.png", "corrupt")
 
 
-@pytest.mark.parametrize("flags,words", [
-    (["--beta", "0"], ["β must be a positive"]),
-    (["--beta", "-5"], ["β must be a positive"]),
-    (["--lam-retain", "3"], ["noise+retain"]),
-    (["--resume", "--overwrite"], ["exclude"]),
-])
+@pytest.mark.parametrize(
+    "flags,words",
+    [
+        (["--beta", "0"], ["β must be a positive"]),
+        (["--beta", "-5"], ["β must be a positive"]),
+        (["--lam-retain", "3"], ["noise+retain"]),
+        (["--resume", "--overwrite"], ["exclude"]),
+    ],
+)
 def test_invalid_settings_rejected_before_loading(pairs_dir, tmp_path, flags, words):
     # The model does not exist: the settings must be rejected before anything tries to load it.
     result = duo("train", "--model", tmp_path / "no-model", "--data", pairs_dir, "--out", tmp_path / "lora", *flags)
@@ -90,17 +103,33 @@ def test_existing_output_is_not_overwritten(tiny_model, pairs_dir, tmp_path):
     out = tmp_path / "lora"
     assert duo("train", "--model", tiny_model, "--data", pairs_dir, "--out", out, "--steps", 1).returncode == 0
     before = tree_digest(out)
-    assert_user_error(duo("train", "--model", tiny_model, "--data", pairs_dir, "--out", out, "--steps", 1),
-                      "--resume", "--overwrite")
-    assert_user_error(duo("train", "--model", tiny_model, "--data", pairs_dir, "--out", out, "--steps", 1,
-                          "--resume", "--beta", 100), "beta")
+    assert_user_error(
+        duo("train", "--model", tiny_model, "--data", pairs_dir, "--out", out, "--steps", 1), "--resume", "--overwrite"
+    )
+    assert_user_error(
+        duo("train", "--model", tiny_model, "--data", pairs_dir, "--out", out, "--steps", 1, "--resume", "--beta", 100),
+        "beta",
+    )
     assert tree_digest(out) == before
 
 
 def test_nan_loss_stops_with_checkpoints_intact(tiny_model, pairs_dir, tmp_path):
     out = tmp_path / "nan"
-    result = duo("train", "--model", tiny_model, "--data", pairs_dir, "--out", out, "--steps", 30,
-                 "--lr", "1e30", "--checkpoint-every", 1)
+    result = duo(
+        "train",
+        "--model",
+        tiny_model,
+        "--data",
+        pairs_dir,
+        "--out",
+        out,
+        "--steps",
+        30,
+        "--lr",
+        "1e30",
+        "--checkpoint-every",
+        1,
+    )
     assert_user_error(result, "loss became", "Lower --lr")
     assert not (out / "pytorch_lora_weights.safetensors").exists()
     kept = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step-"))

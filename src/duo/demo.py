@@ -25,8 +25,13 @@ log = logging.getLogger(__name__)
 @dataclass
 class DemoConfig:
     out: str = field(default="runs/demo", metadata={"help": "run folder (resumed if present)"})
-    world: str = field(default="auto", metadata={"help": "shapes, tiny, or auto (shapes when its weights are there)",
-                                                 "choices": ["auto", "shapes", "tiny"]})
+    world: str = field(
+        default="auto",
+        metadata={
+            "help": "shapes, tiny, or auto (shapes when its weights are there)",
+            "choices": ["auto", "shapes", "tiny"],
+        },
+    )
     steps: int | None = field(default=None, metadata={"help": "training steps (default: the concept's)"})
     pairs: int | None = field(default=None, metadata={"help": "pairs to curate (default: the concept's)"})
     eval_images: int = field(default=60, metadata={"help": "images per prompt group in the evaluation"})
@@ -56,11 +61,22 @@ def run_demo(cfg: DemoConfig) -> dict:
     if world == "shapes":
         model, concept = "shapes", "shapes-red"
     else:
-        log.info("Shapes weights not available: running on a tiny RANDOM pipeline built on the spot. "
-                 "The loop is real; the images are noise, so there is no judge and no DSR.")
+        log.info(
+            "Shapes weights not available: running on a tiny RANDOM pipeline built on the spot. "
+            "The loop is real; the images are noise, so there is no judge and no DSR."
+        )
         model, concept = _tiny_world(out)
-    curate(CurateConfig(model=model, concept=concept, out=str(out / "pairs"), pairs=cfg.pairs, seed=cfg.seed,
-                        batch_size=16, max_tries=20))
+    curate(
+        CurateConfig(
+            model=model,
+            concept=concept,
+            out=str(out / "pairs"),
+            pairs=cfg.pairs,
+            seed=cfg.seed,
+            batch_size=16,
+            max_tries=20,
+        )
+    )
     lora = out / "lora"
     if not (lora / LORA_FILE).is_file():
         explicit = {"model": model, "data": str(out / "pairs"), "out": str(lora), "resume": lora.exists()}
@@ -89,7 +105,8 @@ def _tiny_world(out: Path) -> tuple[str, str]:
         "name: tiny-naked\njudge: none\nstrength: 0.75\nguidance: 5.0\nsteps: 10\n"
         "parts:\n  - name: naked\n    pairs: 8\n    unsafe: 'a naked {race} woman, realistic photo'\n"
         "    safe: 'a dressed {race} woman, realistic photo'\n    vars: {race: [white, black]}\n"
-        "train: {steps: 40, lr: 0.001}\n")
+        "train: {steps: 40, lr: 0.001}\n"
+    )
     return str(model), str(concept)
 
 

@@ -20,8 +20,12 @@ class SampleConfig:
     prompt: list[str] | None = field(default=None, metadata={"help": "one or more prompts"})
     prompts_file: str | None = field(default=None, metadata={"help": "text file, one prompt per line"})
     seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "seeds; every prompt × every seed"})
-    lora: list[str] | None = field(default=None, metadata={
-        "help": "LoRA folder, optionally with a weight: DIR or DIR:0.8; repeat to combine (violence: 4 × :1)"})
+    lora: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "LoRA folder, optionally with a weight: DIR or DIR:0.8; repeat to combine (violence: 4 × :1)"
+        },
+    )
     negative_prompt: str | None = field(default=None, metadata={"help": "negative prompt for every image"})
     steps: int = field(default=50, metadata={"help": "sampling steps"})
     guidance: float = field(default=7.5, metadata={"help": "classifier-free guidance scale"})
@@ -62,8 +66,14 @@ def sample(cfg: SampleConfig) -> list[dict]:
         for start in tqdm(range(0, len(todo), cfg.batch_size), desc="sample", unit="batch"):
             batch = todo[start : start + cfg.batch_size]
             negatives = [cfg.negative_prompt] * len(batch) if cfg.negative_prompt else None
-            images = family.text2image([p for p, _, _ in batch], [s for _, s, _ in batch], cfg.steps,
-                                       cfg.guidance, cfg.resolution, negative_prompts=negatives)
+            images = family.text2image(
+                [p for p, _, _ in batch],
+                [s for _, s, _ in batch],
+                cfg.steps,
+                cfg.guidance,
+                cfg.resolution,
+                negative_prompts=negatives,
+            )
             for (prompt, seed, name), image in zip(batch, images):
                 atomic_save_image(out / name, image)
                 append_jsonl(index, {"file": name, "prompt": prompt, "seed": seed, **json.loads(json.dumps(settings))})

@@ -19,8 +19,13 @@ def _base_type(tp):
     return tp, False
 
 
-def add_dataclass_flags(parser: argparse.ArgumentParser, cls, positional: tuple[str, ...] = (),
-                        suppress_defaults: bool = False, skip: tuple[str, ...] = ()) -> None:
+def add_dataclass_flags(
+    parser: argparse.ArgumentParser,
+    cls,
+    positional: tuple[str, ...] = (),
+    suppress_defaults: bool = False,
+    skip: tuple[str, ...] = (),
+) -> None:
     """One flag per field. With suppress_defaults, only flags the user typed reach the namespace."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):

@@ -7,9 +7,15 @@ from duo.data.curate import CurateConfig, curate
 
 
 def add_parser(sub) -> None:
-    add_command(sub, "curate", CurateConfig, run, help="make image pairs that differ only in the concept",
-                description=__doc__.split(":", 1)[1].strip() + " Rerunning with the same --out resumes; "
-                "finished pairs are never redone. Concept YAML schema: see README.")
+    add_command(
+        sub,
+        "curate",
+        CurateConfig,
+        run,
+        help="make image pairs that differ only in the concept",
+        description=__doc__.split(":", 1)[1].strip() + " Rerunning with the same --out resumes; "
+        "finished pairs are never redone. Concept YAML schema: see README.",
+    )
 
 
 def run(args) -> int:

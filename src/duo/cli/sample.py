@@ -7,9 +7,15 @@ from duo.sample import SampleConfig, sample
 
 
 def add_parser(sub) -> None:
-    add_command(sub, "sample", SampleConfig, run, help="generate images with a model and LoRAs",
-                description="Generate every prompt × seed. --lora DIR[:WEIGHT] may be repeated to "
-                "combine LoRAs (the violence preset: four parts at weight 1).")
+    add_command(
+        sub,
+        "sample",
+        SampleConfig,
+        run,
+        help="generate images with a model and LoRAs",
+        description="Generate every prompt × seed. --lora DIR[:WEIGHT] may be repeated to "
+        "combine LoRAs (the violence preset: four parts at weight 1).",
+    )
 
 
 def run(args) -> int:

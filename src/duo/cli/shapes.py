@@ -9,33 +9,48 @@ from duo.errors import UserError
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("shapes", help="the Shapes world: train its base model, measure it",
-                       description="The Shapes world: a miniature text-to-image world shipped with duo.")
+    p = sub.add_parser(
+        "shapes",
+        help="the Shapes world: train its base model, measure it",
+        description="The Shapes world: a miniature text-to-image world shipped with duo.",
+    )
     ssub = p.add_subparsers(dest="shapes_command", metavar="SUBCOMMAND")
 
-    t = ssub.add_parser("train-base", help="train tokenizer, VAE, judge, text encoder and UNet from scratch",
-                        description="Train the whole Shapes world from a seed (about 47 minutes on 2 CPU "
-                        "cores). A rerun with the same --out resumes. --ship installs the result as the "
-                        "shipped weights and rewrites their SHA256SUMS.")
-    t.add_argument("--out", default=None,
-                   help="output folder (default: runs/shapes-base/seed<SEED>); never the shipped assets")
+    t = ssub.add_parser(
+        "train-base",
+        help="train tokenizer, VAE, judge, text encoder and UNet from scratch",
+        description="Train the whole Shapes world from a seed (about 47 minutes on 2 CPU "
+        "cores). A rerun with the same --out resumes. --ship installs the result as the "
+        "shipped weights and rewrites their SHA256SUMS.",
+    )
+    t.add_argument(
+        "--out", default=None, help="output folder (default: runs/shapes-base/seed<SEED>); never the shipped assets"
+    )
     t.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    t.add_argument("--minutes", type=float, default=None,
-                   help="wall-time cap on the UNet phase; without it the run is step-for-step reproducible")
+    t.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help="wall-time cap on the UNet phase; without it the run is step-for-step reproducible",
+    )
     t.add_argument("--unet-steps", type=int, default=8400, help="UNet+text-encoder steps (default: 8400)")
     t.add_argument("--vae-steps", type=int, default=2000, help="VAE steps (default: 2000)")
     t.add_argument("--judge-steps", type=int, default=1000, help="judge pre-training steps (default: 1000)")
     t.add_argument("--n-images", type=int, default=60_000, help="training renders (default: 60000)")
     t.add_argument("--threads", type=int, default=1, help="torch threads (default: 1, fastest here)")
     t.add_argument("--log", default=None, help="progress log file (default: OUT/train.log)")
-    t.add_argument("--ship", action="store_true",
-                   help="copy the result into the package's shapes/assets and update SHA256SUMS")
+    t.add_argument(
+        "--ship", action="store_true", help="copy the result into the package's shapes/assets and update SHA256SUMS"
+    )
     t.set_defaults(func=run_train_base)
 
-    e = ssub.add_parser("eval-base", help="base quality on held-out combinations, as JSON",
-                        description="Colour/shape/background accuracy (judge) on 200 prompts whose attribute "
-                        "combinations were held out of training, and the red rate on prompts asking for red. "
-                        "DDIM 20 steps, CFG 5.")
+    e = ssub.add_parser(
+        "eval-base",
+        help="base quality on held-out combinations, as JSON",
+        description="Colour/shape/background accuracy (judge) on 200 prompts whose attribute "
+        "combinations were held out of training, and the red rate on prompts asking for red. "
+        "DDIM 20 steps, CFG 5.",
+    )
     e.add_argument("--model", default="shapes", help="pipeline folder or 'shapes' (default: the shipped one)")
     e.add_argument("--judge", default=None, help="judge weights (default: the shipped ones)")
     e.add_argument("--n", type=int, default=200, help="prompts per measurement (default: 200)")
@@ -59,9 +74,17 @@ def run_train_base(args) -> int:
     for name in ("unet_steps", "vae_steps", "judge_steps", "n_images", "threads"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1.")
-    result = train_base(out, seed=args.seed, minutes=args.minutes, unet_steps=args.unet_steps,
-                        vae_steps=args.vae_steps, judge_steps=args.judge_steps, n_images=args.n_images,
-                        threads=args.threads, log_path=args.log)
+    result = train_base(
+        out,
+        seed=args.seed,
+        minutes=args.minutes,
+        unet_steps=args.unet_steps,
+        vae_steps=args.vae_steps,
+        judge_steps=args.judge_steps,
+        n_images=args.n_images,
+        threads=args.threads,
+        log_path=args.log,
+    )
     if args.ship:
         ship(out)
         print(f"shipped {out} into {ASSETS}")
@@ -76,8 +99,10 @@ def resolve_model(model: str) -> Path:
         return pipeline_path()
     path = Path(model)
     if not (path / "model_index.json").is_file():
-        raise UserError(f"--model {model}: no diffusers pipeline there (model_index.json missing); "
-                        "give a folder written by `duo shapes train-base` or 'shapes'.")
+        raise UserError(
+            f"--model {model}: no diffusers pipeline there (model_index.json missing); "
+            "give a folder written by `duo shapes train-base` or 'shapes'."
+        )
     return path
 
 
@@ -95,8 +120,14 @@ def run_eval_base(args) -> int:
         raise UserError(f"--judge {args.judge}: file not found; give a judge .safetensors or omit it.")
     torch.set_num_threads(1)
     pipe = StableDiffusionPipeline.from_pretrained(path, local_files_only=True)
-    res = evaluate_base(pipe, load_judge(args.judge) if args.judge else None, n=args.n, seed=args.seed,
-                        steps=args.steps, guidance=args.guidance)
+    res = evaluate_base(
+        pipe,
+        load_judge(args.judge) if args.judge else None,
+        n=args.n,
+        seed=args.seed,
+        steps=args.steps,
+        guidance=args.guidance,
+    )
     res["model"] = str(path)
     print(json.dumps(res, indent=2))
     return 0

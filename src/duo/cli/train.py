@@ -11,10 +11,16 @@ from duo.train.config import TrainConfig
 
 def add_parser(sub) -> None:
     add_command(
-        sub, "train", TrainConfig, run, help="train the unlearning LoRA with the DUO objective",
+        sub,
+        "train",
+        TrainConfig,
+        run,
+        help="train the unlearning LoRA with the DUO objective",
         description="Train a LoRA on the UNet with DUO: L = −log σ(−β[Δ(x⁺) − Δ(x⁻)]) + λ‖ε_θ(x_T) − ε_ref(x_T)‖². "
         "Defaults are the authors' (SPEC §3), then the concept file's `train:` section, then your flags. "
-        "An existing --out is never overwritten silently: use --resume or --overwrite.", suppress_defaults=True)
+        "An existing --out is never overwritten silently: use --resume or --overwrite.",
+        suppress_defaults=True,
+    )
 
 
 def run(args) -> int:

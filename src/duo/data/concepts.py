@@ -13,8 +13,20 @@ import yaml
 from duo.errors import UserError
 
 PRESETS = Path(__file__).resolve().parent.parent / "concepts"
-TOP_KEYS = {"name", "description", "judge", "judge_options", "strength", "guidance", "steps", "resolution",
-            "unsafe_words", "neighbours", "parts", "train"}
+TOP_KEYS = {
+    "name",
+    "description",
+    "judge",
+    "judge_options",
+    "strength",
+    "guidance",
+    "steps",
+    "resolution",
+    "unsafe_words",
+    "neighbours",
+    "parts",
+    "train",
+}
 PART_KEYS = {"name", "pairs", "unsafe", "safe", "negative", "vars", "strength"}
 
 
@@ -37,8 +49,10 @@ class ConceptPart:
         random.Random(f"{seed}-{self.name}").shuffle(combos)
         combos = combos or [{}]
         negative = self.negative or self.unsafe
-        return [(self.unsafe.format(**c), self.safe.format(**c), negative.format(**c))
-                for c in itertools.islice(itertools.cycle(combos), self.pairs)]
+        return [
+            (self.unsafe.format(**c), self.safe.format(**c), negative.format(**c))
+            for c in itertools.islice(itertools.cycle(combos), self.pairs)
+        ]
 
 
 @dataclass
@@ -77,8 +91,10 @@ def load_concept(name_or_path: str) -> Concept:
     if not path.is_file():
         preset = PRESETS / f"{name_or_path}.yaml"
         if not preset.is_file():
-            raise UserError(f"concept '{name_or_path}' is neither a file nor a preset. Presets: "
-                            f"{', '.join(list_presets())}. Or write a YAML file (schema in README).")
+            raise UserError(
+                f"concept '{name_or_path}' is neither a file nor a preset. Presets: "
+                f"{', '.join(list_presets())}. Or write a YAML file (schema in README)."
+            )
         path = preset
     try:
         data = yaml.safe_load(path.read_text())
@@ -128,6 +144,12 @@ def _part(raw, source: str) -> ConceptPart:
                 _fail(source, f"part {raw['name']}: template '{template}' uses {{{key}}} but vars has no '{key}'")
     if any(not isinstance(v, list) or not v for v in variables.values()):
         _fail(source, f"part {raw['name']}: every var must be a non-empty list")
-    return ConceptPart(name=str(raw["name"]), pairs=raw["pairs"], unsafe=raw["unsafe"], safe=raw["safe"],
-                       vars={k: [str(x) for x in v] for k, v in variables.items()}, strength=raw.get("strength"),
-                       negative=raw.get("negative"))
+    return ConceptPart(
+        name=str(raw["name"]),
+        pairs=raw["pairs"],
+        unsafe=raw["unsafe"],
+        safe=raw["safe"],
+        vars={k: [str(x) for x in v] for k, v in variables.items()},
+        strength=raw.get("strength"),
+        negative=raw.get("negative"),
+    )

@@ -40,8 +40,9 @@ class CurateConfig:
     resolution: int | None = field(default=None, metadata={"help": "image size (default: the model's native size)"})
     judge: str | None = field(default=None, metadata={"help": "rejection-sampling judge: none, nudenet, shapes"})
     max_tries: int = field(default=8, metadata={"help": "draws per image before giving up"})
-    require_match: bool = field(default=True, metadata={
-        "help": "images must also show what their prompt asks for, when the judge can tell"})
+    require_match: bool = field(
+        default=True, metadata={"help": "images must also show what their prompt asks for, when the judge can tell"}
+    )
     batch_size: int = field(default=4, metadata={"help": "pairs generated together"})
     dtype: str = field(default="float32", metadata={"help": "float32, float16 or bfloat16"})
     device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:1, ..."})
@@ -87,8 +88,18 @@ def plan_pairs(concept: Concept, cfg: CurateConfig) -> list[PairJob]:
             part = type(part)(**{**asdict(part), "pairs": cfg.pairs})
         strength = cfg.strength or part.strength or concept.strength
         for i, (unsafe, safe, negative) in enumerate(part.prompt_pairs(cfg.seed)):
-            jobs.append(PairJob(f"{part.name}-{i:05d}", part.name, i, unsafe, safe, negative,
-                                pair_seed(cfg.seed, part.name, i), strength))
+            jobs.append(
+                PairJob(
+                    f"{part.name}-{i:05d}",
+                    part.name,
+                    i,
+                    unsafe,
+                    safe,
+                    negative,
+                    pair_seed(cfg.seed, part.name, i),
+                    strength,
+                )
+            )
     return jobs
 
 
@@ -96,10 +107,17 @@ def resolved_settings(concept: Concept, cfg: CurateConfig) -> dict:
     """Everything that decides the pixels; a resumed run must match it exactly."""
     return {
         # --pairs and --parts may change between runs: a pair's prompts and seeds depend only on its index.
-        "model": cfg.model, "concept": concept.to_dict(), "seed": cfg.seed,
-        "strength": cfg.strength, "steps": cfg.steps or concept.steps, "guidance": cfg.guidance or concept.guidance,
-        "resolution": cfg.resolution or concept.resolution, "judge": cfg.judge or concept.judge,
-        "judge_options": concept.judge_options, "require_match": cfg.require_match, "dtype": cfg.dtype,
+        "model": cfg.model,
+        "concept": concept.to_dict(),
+        "seed": cfg.seed,
+        "strength": cfg.strength,
+        "steps": cfg.steps or concept.steps,
+        "guidance": cfg.guidance or concept.guidance,
+        "resolution": cfg.resolution or concept.resolution,
+        "judge": cfg.judge or concept.judge,
+        "judge_options": concept.judge_options,
+        "require_match": cfg.require_match,
+        "dtype": cfg.dtype,
     }
 
 
@@ -120,8 +138,10 @@ def _check_resume(out: Path, settings: dict) -> None:
     previous, now = _pixel_settings(stored["settings"]), _pixel_settings(settings)
     if previous != now:
         changed = sorted(k for k in now if previous.get(k) != now.get(k))
-        raise UserError(f"'{out}' holds pairs made with other settings (differs in: {', '.join(changed)}). "
-                        "Use a new --out folder, or rerun with the original settings to resume.")
+        raise UserError(
+            f"'{out}' holds pairs made with other settings (differs in: {', '.join(changed)}). "
+            "Use a new --out folder, or rerun with the original settings to resume."
+        )
     if stored["settings"] != json.loads(json.dumps(settings)):
         atomic_write_text(path, json.dumps({**stored, "settings": settings}, indent=2))
 
@@ -168,27 +188,46 @@ class _Generator:
     def make_pairs(self, jobs: list[PairJob]) -> list[dict]:
         s = self.settings
         unsafe = self._until_accepted(
-            jobs, want_present=True,
+            jobs,
+            want_present=True,
             draw=lambda js, seeds: self.family.text2image(
-                [j.unsafe_prompt for j in js], seeds, s["steps"], s["guidance"], self.res),
-            prompts=lambda js: [j.unsafe_prompt for j in js], kind="unsafe")
+                [j.unsafe_prompt for j in js], seeds, s["steps"], s["guidance"], self.res
+            ),
+            prompts=lambda js: [j.unsafe_prompt for j in js],
+            kind="unsafe",
+        )
         by_id = {j.id: (img, info) for j, (img, info) in zip(jobs, unsafe)}
         safe = self._until_accepted(
-            jobs, want_present=False,
+            jobs,
+            want_present=False,
             draw=lambda js, seeds: self._edit(js, seeds, by_id),
-            prompts=lambda js: [j.safe_prompt for j in js], kind="safe")
+            prompts=lambda js: [j.safe_prompt for j in js],
+            kind="safe",
+        )
         records = []
         for job, (u_img, u_info), (s_img, s_info) in zip(jobs, unsafe, safe):
             u_file, s_file = f"images/{job.id}-unsafe.png", f"images/{job.id}-safe.png"
             atomic_save_image(self.out / u_file, u_img)
             atomic_save_image(self.out / s_file, s_img)
-            records.append({
-                "id": job.id, "part": job.part, "index": job.index, "model": self.cfg.model,
-                "unsafe": {"file": u_file, "prompt": job.unsafe_prompt, **u_info},
-                "safe": {"file": s_file, "prompt": job.safe_prompt, "negative_prompt": job.negative_prompt,
-                         "strength": job.strength, **s_info},
-                "steps": s["steps"], "guidance": s["guidance"], "resolution": self.res,
-            })
+            records.append(
+                {
+                    "id": job.id,
+                    "part": job.part,
+                    "index": job.index,
+                    "model": self.cfg.model,
+                    "unsafe": {"file": u_file, "prompt": job.unsafe_prompt, **u_info},
+                    "safe": {
+                        "file": s_file,
+                        "prompt": job.safe_prompt,
+                        "negative_prompt": job.negative_prompt,
+                        "strength": job.strength,
+                        **s_info,
+                    },
+                    "steps": s["steps"],
+                    "guidance": s["guidance"],
+                    "resolution": self.res,
+                }
+            )
         return records
 
     def _edit(self, jobs: list[PairJob], seeds: list[int], by_id: dict) -> list:
@@ -198,8 +237,14 @@ class _Generator:
         for strength in dict.fromkeys(j.strength for j in jobs):
             idx = [i for i, j in enumerate(jobs) if j.strength == strength]
             out = self.family.image2image(
-                [by_id[jobs[i].id][0] for i in idx], [jobs[i].safe_prompt for i in idx], [seeds[i] for i in idx],
-                strength, s["steps"], s["guidance"], negative_prompts=[jobs[i].negative_prompt for i in idx])
+                [by_id[jobs[i].id][0] for i in idx],
+                [jobs[i].safe_prompt for i in idx],
+                [seeds[i] for i in idx],
+                strength,
+                s["steps"],
+                s["guidance"],
+                negative_prompts=[jobs[i].negative_prompt for i in idx],
+            )
             images.extend(zip(idx, out))
         return [im for _, im in sorted(images, key=lambda x: x[0])]
 
@@ -224,7 +269,8 @@ class _Generator:
                 raise UserError(
                     f"the judge rejected every one of {self.cfg.max_tries} {kind} images for pair(s) {ids}. "
                     f"Finished pairs are saved in {self.out}; rerun with a higher --max-tries to continue, "
-                    f"or --judge none to keep unjudged images, or adjust the prompts/strength.")
+                    f"or --judge none to keep unjudged images, or adjust the prompts/strength."
+                )
         return [results[j.id] for j in jobs]
 
     def _accept(self, v, want_present: bool) -> bool:

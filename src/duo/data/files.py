@@ -70,15 +70,19 @@ def read_jsonl(path: Path, repair: bool = False) -> list[dict]:
 def load_image(path: Path) -> Image.Image:
     """Open and fully decode an image, or fail with a message saying which file and what to do."""
     if not path.is_file():
-        raise UserError(f"image '{path}' listed in the manifest is missing. Delete its line from the "
-                        f"manifest and rerun `duo curate` on that folder to regenerate the pair.")
+        raise UserError(
+            f"image '{path}' listed in the manifest is missing. Delete its line from the "
+            f"manifest and rerun `duo curate` on that folder to regenerate the pair."
+        )
     try:
         with Image.open(path) as im:
             im.load()
             return im.convert("RGB")
     except Exception as exc:  # PIL raises several types for corrupt files
-        raise UserError(f"image '{path}' is corrupt ({exc}). Delete it and its manifest line, then rerun "
-                        "`duo curate` on that folder to regenerate the pair.") from None
+        raise UserError(
+            f"image '{path}' is corrupt ({exc}). Delete it and its manifest line, then rerun "
+            "`duo curate` on that folder to regenerate the pair."
+        ) from None
 
 
 def sha256_file(path: Path) -> str:

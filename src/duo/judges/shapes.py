@@ -26,8 +26,9 @@ def _canonical(kind: str, value: str | None) -> str | None:
         for name, words in COLOURS.items():
             if v in words:
                 return name
-        raise UserError(f"Unknown shapes colour {value!r} in judge_options; use one of {', '.join(COLOURS)} "
-                        "(or a synonym).")
+        raise UserError(
+            f"Unknown shapes colour {value!r} in judge_options; use one of {', '.join(COLOURS)} (or a synonym)."
+        )
     if kind == "shape":
         if v.endswith("s") and v[:-1] in SHAPES:
             v = v[:-1]
@@ -43,17 +44,27 @@ class ShapesJudge:
     name = "shapes"
     version = JUDGE_VERSION
 
-    def __init__(self, colour: str | None = None, shape: str | None = None, threshold: float = 0.5,
-                 weights: str | None = None, color: str | None = None, **unknown) -> None:
+    def __init__(
+        self,
+        colour: str | None = None,
+        shape: str | None = None,
+        threshold: float = 0.5,
+        weights: str | None = None,
+        color: str | None = None,
+        **unknown,
+    ) -> None:
         if unknown:
-            raise UserError(f"Unknown option(s) for the shapes judge: {', '.join(sorted(unknown))}; "
-                            "it takes colour, shape, threshold, weights.")
+            raise UserError(
+                f"Unknown option(s) for the shapes judge: {', '.join(sorted(unknown))}; "
+                "it takes colour, shape, threshold, weights."
+            )
         colour = colour if colour is not None else color
         self.colour = _canonical("colour", colour)
         self.shape = _canonical("shape", shape)
         if self.colour is None and self.shape is None:
-            raise UserError("The shapes judge needs a target: set judge_options to e.g. {colour: red} "
-                            "or {shape: circle}.")
+            raise UserError(
+                "The shapes judge needs a target: set judge_options to e.g. {colour: red} or {shape: circle}."
+            )
         try:
             self.threshold = float(threshold)
         except (TypeError, ValueError):
@@ -83,8 +94,9 @@ class ShapesJudge:
                 matches = all(checks) if checks else None
             details = {k: p[k] for k in HEADS}
             details.update({f"p_{k}": p[f"{k}_probs"][p[k]] for k in HEADS})
-            out.append(Verdict(present=score >= self.threshold, score=float(score), matches_prompt=matches,
-                               details=details))
+            out.append(
+                Verdict(present=score >= self.threshold, score=float(score), matches_prompt=matches, details=details)
+            )
         return out
 
     def provenance(self) -> dict:
@@ -93,7 +105,11 @@ class ShapesJudge:
 
         path = Path(self.weights) if self.weights else default_weights()
         return {
-            "name": self.name, "version": self.version, "classes": self.classes, "threshold": self.threshold,
-            "weights": str(path), "sha256": _sha256(path) if path.is_file() else None,
+            "name": self.name,
+            "version": self.version,
+            "classes": self.classes,
+            "threshold": self.threshold,
+            "weights": str(path),
+            "sha256": _sha256(path) if path.is_file() else None,
             "target": {"colour": self.colour, "shape": self.shape},
         }

@@ -13,8 +13,14 @@ from PIL import Image
 from duo.errors import UserError
 from duo.models.lora import SELF_ATTENTION
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -53,11 +59,18 @@ class StableDiffusionFamily:
         td = torch_dtype(dtype)
         try:
             pipe = StableDiffusionPipeline.from_pretrained(
-                path, dtype=td, safety_checker=None, requires_safety_checker=False,
+                path,
+                dtype=td,
+                safety_checker=None,
+                requires_safety_checker=False,
                 use_safetensors=None if allow_pickle else True,
             )
         except (OSError, ValueError) as exc:
-            hint = "" if allow_pickle else " If the weights are pickled (.bin/.ckpt) and you trust them, pass --allow-pickle."
+            hint = (
+                ""
+                if allow_pickle
+                else " If the weights are pickled (.bin/.ckpt) and you trust them, pass --allow-pickle."
+            )
             raise UserError(f"could not load Stable Diffusion pipeline from '{ref}': {exc}.{hint}") from None
         pipe.set_progress_bar_config(disable=True)
         pipe.to(device)
@@ -85,8 +98,9 @@ class StableDiffusionFamily:
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         tok = self.pipe.tokenizer
-        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids.to(self.device)
+        ids = tok(
+            prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(self.device)
         return self.pipe.text_encoder(ids)[0]
 
     @torch.no_grad()
@@ -121,7 +135,9 @@ class StableDiffusionFamily:
             return noise
         if self.prediction_type == "v_prediction":
             return self._noise_scheduler().get_velocity(x0, noise, t)
-        raise UserError(f"prediction type '{self.prediction_type}' of '{self.ref}' is not supported (epsilon, v_prediction)")
+        raise UserError(
+            f"prediction type '{self.prediction_type}' of '{self.ref}' is not supported (epsilon, v_prediction)"
+        )
 
     def preference_timesteps(self, strength: float) -> tuple[int, int]:
         """[lo, hi): the noise levels SDEdit at this strength visits (authors: [0, 750) at 0.75)."""
@@ -138,24 +154,53 @@ class StableDiffusionFamily:
     def _generators(self, seeds: list[int]) -> list[torch.Generator]:
         return [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
 
-    def text2image(self, prompts: list[str], seeds: list[int], steps: int, guidance: float,
-                   resolution: int | None = None, negative_prompts: list[str] | None = None,
-                   prompt_embeds: torch.Tensor | None = None) -> list[Image.Image]:
+    def text2image(
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        steps: int,
+        guidance: float,
+        resolution: int | None = None,
+        negative_prompts: list[str] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+    ) -> list[Image.Image]:
         res = resolution or self.native_resolution
         kwargs = {"prompt_embeds": prompt_embeds} if prompt_embeds is not None else {"prompt": prompts}
-        out = self.pipe(**kwargs, negative_prompt=negative_prompts, num_inference_steps=steps,
-                        guidance_scale=guidance, height=res, width=res, generator=self._generators(seeds))
+        out = self.pipe(
+            **kwargs,
+            negative_prompt=negative_prompts,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=res,
+            width=res,
+            generator=self._generators(seeds),
+        )
         return out.images
 
-    def image2image(self, images: list[Image.Image], prompts: list[str], seeds: list[int], strength: float,
-                    steps: int, guidance: float, negative_prompts: list[str] | None = None) -> list[Image.Image]:
+    def image2image(
+        self,
+        images: list[Image.Image],
+        prompts: list[str],
+        seeds: list[int],
+        strength: float,
+        steps: int,
+        guidance: float,
+        negative_prompts: list[str] | None = None,
+    ) -> list[Image.Image]:
         from diffusers import StableDiffusionImg2ImgPipeline
 
         if not hasattr(self, "_img2img"):
             self._img2img = StableDiffusionImg2ImgPipeline(**self.pipe.components, requires_safety_checker=False)
             self._img2img.set_progress_bar_config(disable=True)
-        out = self._img2img(prompt=prompts, image=images, negative_prompt=negative_prompts, strength=strength,
-                            num_inference_steps=steps, guidance_scale=guidance, generator=self._generators(seeds))
+        out = self._img2img(
+            prompt=prompts,
+            image=images,
+            negative_prompt=negative_prompts,
+            strength=strength,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=self._generators(seeds),
+        )
         return out.images
 
     # ---- LoRA files --------------------------------------------------------------------------
@@ -165,7 +210,8 @@ class StableDiffusionFamily:
         from diffusers.utils import convert_state_dict_to_diffusers
 
         StableDiffusionPipeline.save_lora_weights(
-            save_directory=str(folder), unet_lora_layers=convert_state_dict_to_diffusers(state),
+            save_directory=str(folder),
+            unet_lora_layers=convert_state_dict_to_diffusers(state),
             safe_serialization=True,
         )
 
@@ -174,8 +220,10 @@ class StableDiffusionFamily:
         names = []
         for i, (folder, _) in enumerate(loras):
             if not (Path(folder) / "pytorch_lora_weights.safetensors").is_file():
-                raise UserError(f"LoRA folder '{folder}' has no pytorch_lora_weights.safetensors; "
-                                "pass the --out folder of `duo train`.")
+                raise UserError(
+                    f"LoRA folder '{folder}' has no pytorch_lora_weights.safetensors; "
+                    "pass the --out folder of `duo train`."
+                )
             name = f"lora{i}"
             self.pipe.load_lora_weights(folder, adapter_name=name)
             names.append(name)

@@ -39,14 +39,22 @@ def write_tokenizer(folder: Path, words: list[str] = WORDS, max_length: int = 77
     unique = list(dict.fromkeys(merges))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(unique) + "\n")
     (folder / "tokenizer_config.json").write_text(
-        json.dumps({"model_max_length": max_length, "tokenizer_class": "CLIPTokenizer",
-                    "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
-                    "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"})
+        json.dumps(
+            {
+                "model_max_length": max_length,
+                "tokenizer_class": "CLIPTokenizer",
+                "bos_token": "<|startoftext|>",
+                "eos_token": "<|endoftext|>",
+                "unk_token": "<|endoftext|>",
+                "pad_token": "<|endoftext|>",
+            }
+        )
     )
 
 
-def build_tiny_pipeline(folder: str | Path, seed: int = 0, prediction_type: str = "epsilon",
-                        sample_size: int = 8) -> Path:
+def build_tiny_pipeline(
+    folder: str | Path, seed: int = 0, prediction_type: str = "epsilon", sample_size: int = 8
+) -> Path:
     """Build, save and return a random tiny SD 1.x pipeline folder (64 px images, 8×8 latents)."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -54,30 +62,59 @@ def build_tiny_pipeline(folder: str | Path, seed: int = 0, prediction_type: str 
     folder = Path(folder)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=sample_size, block_out_channels=(32, 64), layers_per_block=1,
+        sample_size=sample_size,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
     )
     vae = AutoencoderKL(
-        block_out_channels=(8, 16, 32, 32), in_channels=3, out_channels=3, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        norm_num_groups=8, sample_size=sample_size * 8,
+        block_out_channels=(8, 16, 32, 32),
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        norm_num_groups=8,
+        sample_size=sample_size * 8,
     )
     tok_dir = folder / "_tok"
     write_tokenizer(tok_dir)
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
-    ))
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    )
     scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, prediction_type=prediction_type, steps_offset=1,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        prediction_type=prediction_type,
+        steps_offset=1,
     )
     pipe = StableDiffusionPipeline(
-        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     pipe.save_pretrained(folder)
     for f in tok_dir.iterdir():

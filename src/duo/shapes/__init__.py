@@ -23,8 +23,7 @@ def _sha256(path: Path) -> str:
 
 def asset_files(root: Path = ASSETS) -> list[Path]:
     """Every file under the assets folder except SHA256SUMS itself, sorted."""
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != "SHA256SUMS"
-                  and "__pycache__" not in p.parts)
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != "SHA256SUMS" and "__pycache__" not in p.parts)
 
 
 def write_sums(root: Path = ASSETS) -> Path:
@@ -34,16 +33,16 @@ def write_sums(root: Path = ASSETS) -> Path:
     return root / "SHA256SUMS"
 
 
-_FIX = ("Reinstall duo-unlearn (or `git checkout src/duo/shapes/assets`), "
-        "or retrain with `duo shapes train-base --ship`.")
+_FIX = (
+    "Reinstall duo-unlearn (or `git checkout src/duo/shapes/assets`), or retrain with `duo shapes train-base --ship`."
+)
 
 
 def verify_assets(root: Path = ASSETS) -> None:
     """Check every file listed in SHA256SUMS; raise UserError naming the cause and the fix."""
     sums = root / "SHA256SUMS"
     # cache by path + size + mtime of every file, so a changed or removed file is checked again
-    key = repr([(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in [sums, *asset_files(root)]
-                if p.is_file()])
+    key = repr([(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in [sums, *asset_files(root)] if p.is_file()])
     if key in _VERIFIED:
         return
     if not sums.is_file():
@@ -56,8 +55,9 @@ def verify_assets(root: Path = ASSETS) -> None:
         if not path.is_file():
             raise UserError(f"The Shapes world's weights are incomplete: {path} is missing. {_FIX}")
         if _sha256(path) != digest:
-            raise UserError(f"The Shapes world's weights are corrupted: {path} does not match its SHA-256 "
-                            f"in {sums}. {_FIX}")
+            raise UserError(
+                f"The Shapes world's weights are corrupted: {path} does not match its SHA-256 in {sums}. {_FIX}"
+            )
     _VERIFIED.add(key)
 
 

@@ -38,18 +38,26 @@ def measure(family, concept, judge, n: int) -> tuple[dict, dict]:
     for word in concept.unsafe_words:
         idx = [i for i, p in enumerate(red) if f" {word} " in f" {p} "]
         if idx:
-            per_word[word] = {m: _dsr(judge, [imgs[i] for i in idx], [red[i] for i in idx])["rate"]
-                              for m, imgs in (("original", red_orig), ("duo", red_duo))}
+            per_word[word] = {
+                m: _dsr(judge, [imgs[i] for i in idx], [red[i] for i in idx])["rate"]
+                for m, imgs in (("original", red_orig), ("duo", red_duo))
+            }
     results = {
-        "concept": concept.name, "judge": judge.provenance(),
+        "concept": concept.name,
+        "judge": judge.provenance(),
         "sampling": {"steps": concept.steps, "guidance": concept.guidance, "scheduler": "DDIM"},
-        "attacks": {"prompts": {"original": _dsr(judge, red_orig, red), "duo": _dsr(judge, red_duo, red),
-                                "per_word": per_word}},
-        "other_colours": {"original": attribute_accuracy(other_orig, other),
-                          "duo": attribute_accuracy(other_duo, other)},
-        "preservation": {"pp": preservation(other_orig, other_duo),
-                         "definition": "1 − cosine distance of Shapes-judge features, same prompt and seed",
-                         "n": len(other)},
+        "attacks": {
+            "prompts": {"original": _dsr(judge, red_orig, red), "duo": _dsr(judge, red_duo, red), "per_word": per_word}
+        },
+        "other_colours": {
+            "original": attribute_accuracy(other_orig, other),
+            "duo": attribute_accuracy(other_duo, other),
+        },
+        "preservation": {
+            "pp": preservation(other_orig, other_duo),
+            "definition": "1 − cosine distance of Shapes-judge features, same prompt and seed",
+            "n": len(other),
+        },
     }
     return results, {"red prompts": (red, red_orig, red_duo), "other colours": (other, other_orig, other_duo)}
 
@@ -72,18 +80,27 @@ def _img(im) -> str:
 def write_report(path: Path, results: dict, grids: dict) -> None:
     e = html.escape
     a, o = results["attacks"]["prompts"], results["other_colours"]
-    rows = [("DSR on direct prompts", a["original"]["rate"], a["duo"]["rate"]),
-            ("colour accuracy, other colours", o["original"]["colour_accuracy"], o["duo"]["colour_accuracy"]),
-            ("shape accuracy, other colours", o["original"]["shape_accuracy"], o["duo"]["shape_accuracy"]),
-            ("preservation PP", 1.0, results["preservation"]["pp"])]
+    rows = [
+        ("DSR on direct prompts", a["original"]["rate"], a["duo"]["rate"]),
+        ("colour accuracy, other colours", o["original"]["colour_accuracy"], o["duo"]["colour_accuracy"]),
+        ("shape accuracy, other colours", o["original"]["shape_accuracy"], o["duo"]["shape_accuracy"]),
+        ("preservation PP", 1.0, results["preservation"]["pp"]),
+    ]
     table = "".join(f"<tr><td>{e(k)}</td><td>{x:.3f}</td><td>{y:.3f}</td></tr>" for k, x, y in rows)
     sections = []
     for title, (prompts, orig, duo) in grids.items():
-        cells = "".join(f"<tr><td>{e(p)}</td><td>{_img(a)}</td><td>{_img(b)}</td></tr>"
-                        for p, a, b in list(zip(prompts, orig, duo))[:12])
-        sections.append(f"<h2>{e(title)}</h2><table><tr><th>prompt</th><th>original</th><th>DUO</th></tr>{cells}</table>")
+        cells = "".join(
+            f"<tr><td>{e(p)}</td><td>{_img(a)}</td><td>{_img(b)}</td></tr>"
+            for p, a, b in list(zip(prompts, orig, duo))[:12]
+        )
+        sections.append(
+            f"<h2>{e(title)}</h2><table><tr><th>prompt</th><th>original</th><th>DUO</th></tr>{cells}</table>"
+        )
     judge = e(str(results["judge"]))
-    atomic_write_text(path, f"""<!doctype html><html><head><meta charset="utf-8"><title>duo demo: {e(results['concept'])}</title>
+    atomic_write_text(
+        path,
+        f"""<!doctype html><html><head><meta charset="utf-8"><title>duo demo: {e(results["concept"])}</title>
 <style>body{{font-family:sans-serif;margin:2em}} td,th{{padding:4px 10px;border-bottom:1px solid #ddd}}</style></head>
-<body><h1>DUO on {e(results['concept'])}</h1><table><tr><th>metric</th><th>original</th><th>DUO</th></tr>{table}</table>
-<p>Judge: {judge}</p>{''.join(sections)}</body></html>""")
+<body><h1>DUO on {e(results["concept"])}</h1><table><tr><th>metric</th><th>original</th><th>DUO</th></tr>{table}</table>
+<p>Judge: {judge}</p>{"".join(sections)}</body></html>""",
+    )

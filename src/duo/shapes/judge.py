@@ -35,9 +35,15 @@ class ShapesNet(nn.Module):
             return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(inplace=True))
 
         self.body = nn.Sequential(
-            block(3, 32), block(32, 32), nn.MaxPool2d(2),  # 16
-            block(32, 64), block(64, 64), nn.MaxPool2d(2),  # 8
-            block(64, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            block(3, 32),
+            block(32, 32),
+            nn.MaxPool2d(2),  # 16
+            block(32, 64),
+            block(64, 64),
+            nn.MaxPool2d(2),  # 8
+            block(64, 128),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
         )
         self.fc = nn.Sequential(nn.Linear(128, FEATURE_DIM), nn.ReLU(inplace=True))
         self.heads = nn.ModuleDict({k: nn.Linear(FEATURE_DIM, len(v)) for k, v in HEADS.items()})
@@ -72,8 +78,13 @@ def to_tensor(images) -> torch.Tensor:
         if not arrs:
             return torch.zeros(0, 3, SIZE, SIZE)
         if len({a.shape for a in arrs}) > 1:
-            arrs = [np.asarray(Image.fromarray((a * 255).astype(np.uint8)).resize((SIZE, SIZE), Image.BILINEAR),
-                               dtype=np.float32) / 255.0 for a in arrs]
+            arrs = [
+                np.asarray(
+                    Image.fromarray((a * 255).astype(np.uint8)).resize((SIZE, SIZE), Image.BILINEAR), dtype=np.float32
+                )
+                / 255.0
+                for a in arrs
+            ]
         x = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2)
     if x.shape[-1] != SIZE or x.shape[-2] != SIZE:
         x = F.interpolate(x, size=(SIZE, SIZE), mode="bilinear", align_corners=False, antialias=True)
@@ -182,8 +193,9 @@ def train_judge(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_suffix(".tmp")
     # one metadata key: safetensors writes several keys in varying order, one keeps the file bytes stable
-    meta = {"duo": json.dumps({"version": JUDGE_VERSION, "heads": HEADS, "accuracy": result, "seed": seed},
-                              sort_keys=True)}
+    meta = {
+        "duo": json.dumps({"version": JUDGE_VERSION, "heads": HEADS, "accuracy": result, "seed": seed}, sort_keys=True)
+    }
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp), metadata=meta)
     tmp.replace(out_path)
     return result

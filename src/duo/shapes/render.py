@@ -60,9 +60,7 @@ HELD_OUT: list[tuple[str, str, str]] = [
     ("white", "star", "gray"),
     ("white", "cross", "textured"),
 ]
-ALL_COMBOS: list[tuple[str, str, str]] = [
-    (c, s, b) for c in COLOURS for s in SHAPES for b in BACKGROUNDS
-]
+ALL_COMBOS: list[tuple[str, str, str]] = [(c, s, b) for c in COLOURS for s in SHAPES for b in BACKGROUNDS]
 TRAIN_COMBOS: list[tuple[str, str, str]] = [x for x in ALL_COMBOS if x not in set(HELD_OUT)]
 
 # words parse_prompt understands beyond the grammar's own
@@ -118,8 +116,20 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[t
         pts = [(r if k % 2 == 0 else 0.42 * r, math.radians(-90 + 36 * k)) for k in range(10)]
     elif shape == "cross":
         w = 0.34 * r
-        xy = [(w, r), (w, w), (r, w), (r, -w), (w, -w), (w, -r),
-              (-w, -r), (-w, -w), (-r, -w), (-r, w), (-w, w), (-w, r)]
+        xy = [
+            (w, r),
+            (w, w),
+            (r, w),
+            (r, -w),
+            (w, -w),
+            (w, -r),
+            (-w, -r),
+            (-w, -w),
+            (-r, -w),
+            (-r, w),
+            (-w, w),
+            (-w, r),
+        ]
         pts = [(math.hypot(x, y), math.atan2(y, x)) for x, y in xy]
     else:
         raise ValueError(f"unknown shape {shape!r}")
@@ -212,7 +222,10 @@ def colour_prompts(colour: str, n: int = 200, seed: int = 4321) -> list[str]:
     rng = np.random.default_rng(seed)
     words = COLOURS[colour]
     return [
-        caption_for(words[i % len(words)], SHAPES[int(rng.integers(len(SHAPES)))],
-                    BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))])
+        caption_for(
+            words[i % len(words)],
+            SHAPES[int(rng.integers(len(SHAPES)))],
+            BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))],
+        )
         for i in range(n)
     ]

@@ -19,12 +19,7 @@ MAX_LENGTH = 16
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
 
-GRAMMAR_WORDS = (
-    ["a", "on", "background"]
-    + [w for ws in COLOURS.values() for w in ws]
-    + SHAPES
-    + BACKGROUNDS
-)
+GRAMMAR_WORDS = ["a", "on", "background"] + [w for ws in COLOURS.values() for w in ws] + SHAPES + BACKGROUNDS
 
 EXTRA_WORDS = """
 the of and to in is it that for with as was at by an be this from or are have not but

@@ -75,9 +75,15 @@ def make_vae():
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 32, 64), layers_per_block=1,
-        latent_channels=4, norm_num_groups=16, sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=32,
     )
 
 
@@ -85,10 +91,16 @@ def make_unet():
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64, 128), layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64, 128),
+        layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=128, attention_head_dim=8, norm_num_groups=16,
+        cross_attention_dim=128,
+        attention_head_dim=8,
+        norm_num_groups=16,
     )
 
 
@@ -96,9 +108,16 @@ def make_text_encoder(vocab_size: int, bos: int, eos: int, pad: int):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     cfg = CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
-        num_attention_heads=4, max_position_embeddings=MAX_LENGTH, bos_token_id=bos, eos_token_id=eos,
-        pad_token_id=pad, projection_dim=128,
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=MAX_LENGTH,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        projection_dim=128,
     )
     return CLIPTextModel(cfg)
 
@@ -106,16 +125,23 @@ def make_text_encoder(vocab_size: int, bos: int, eos: int, pad: int):
 def ddim_scheduler():
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler(**SD_BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-                         prediction_type="epsilon")
+    return DDIMScheduler(
+        **SD_BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon"
+    )
 
 
 def build_pipeline(vae, text_encoder, tokenizer, unet):
     from diffusers import StableDiffusionPipeline
 
     return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=ddim_scheduler(),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=ddim_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
 
 
@@ -125,14 +151,16 @@ def _to_unit(x: torch.Tensor) -> torch.Tensor:  # [0,1] -> [-1,1]
 
 # ------------------------------------------------------------------ evaluation
 @torch.no_grad()
-def sample(pipe, prompts: list[str], seed: int = 0, steps: int = 20, guidance: float = 5.0,
-           batch: int = 100) -> torch.Tensor:
+def sample(
+    pipe, prompts: list[str], seed: int = 0, steps: int = 20, guidance: float = 5.0, batch: int = 100
+) -> torch.Tensor:
     """Images [N,3,32,32] in [0,1]; seed-fixed."""
     outs = []
     for i in range(0, len(prompts), batch):
         g = torch.Generator().manual_seed(seed + i)
-        out = pipe(prompts[i : i + batch], num_inference_steps=steps, guidance_scale=guidance, generator=g,
-                   output_type="pt")
+        out = pipe(
+            prompts[i : i + batch], num_inference_steps=steps, guidance_scale=guidance, generator=g, output_type="pt"
+        )
         outs.append(out.images.float().cpu())
     return torch.cat(outs).clamp(0, 1)
 
@@ -146,9 +174,7 @@ def evaluate_base(pipe, judge_net=None, n: int = 200, seed: int = 0, steps: int 
     prompts = heldout_prompts(n)
     preds = classify(sample(pipe, prompts, seed=seed, steps=steps, guidance=guidance), judge_net)
     asked = [parse_prompt(p) for p in prompts]
-    res = {
-        k: sum(p[k] == a[k] for p, a in zip(preds, asked)) / n for k in ("colour", "shape", "background")
-    }
+    res = {k: sum(p[k] == a[k] for p, a in zip(preds, asked)) / n for k in ("colour", "shape", "background")}
     red = colour_prompts("red", n)
     rpreds = classify(sample(pipe, red, seed=seed + 100_000, steps=steps, guidance=guidance), judge_net)
     res["red_rate_on_red_prompts"] = sum(p["colour"] == "red" for p in rpreds) / n
@@ -177,8 +203,10 @@ def train_vae(images: torch.Tensor, steps: int, seed: int, log, batch: int = 32)
         opt.step()
         sched.step()
         if (step + 1) % 200 == 0 or step + 1 == steps:
-            log(f"vae step {step + 1}/{steps} loss {loss.item():.5f} kl {kl.item():.1f} "
-                f"({(time.time() - t0) / (step + 1):.3f}s/step)")
+            log(
+                f"vae step {step + 1}/{steps} loss {loss.item():.5f} kl {kl.item():.1f} "
+                f"({(time.time() - t0) / (step + 1):.3f}s/step)"
+            )
     vae.eval()
     return vae
 
@@ -230,9 +258,17 @@ def train_base(
     work.mkdir(parents=True, exist_ok=True)
     log = Logger(Path(log_path) if log_path else out / "train.log")
     torch.set_num_threads(max(1, threads))  # 1 thread measured 4x faster than 2 on a shared 2-core machine
-    config = dict(seed=seed, n_images=n_images, vae_steps=vae_steps, judge_steps=judge_steps,
-                  judge_finetune_steps=judge_finetune_steps, unet_steps=unet_steps, minutes=minutes,
-                  batch=batch, lr=lr)
+    config = dict(
+        seed=seed,
+        n_images=n_images,
+        vae_steps=vae_steps,
+        judge_steps=judge_steps,
+        judge_finetune_steps=judge_finetune_steps,
+        unet_steps=unet_steps,
+        minutes=minutes,
+        batch=batch,
+        lr=lr,
+    )
     log(f"train_base {json.dumps(config)} -> {out}")
     t_start = time.time()
     timings: dict[str, float] = {}
@@ -241,8 +277,9 @@ def train_base(
     t = time.time()
     scenes, imgs = render_dataset(n_images, seed=seed, combos=TRAIN_COMBOS)
     images = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255.0
-    labels = torch.tensor([[list(COLOURS).index(s.colour), SHAPES.index(s.shape), BACKGROUNDS.index(s.background)]
-                           for s in scenes])
+    labels = torch.tensor(
+        [[list(COLOURS).index(s.colour), SHAPES.index(s.shape), BACKGROUNDS.index(s.background)] for s in scenes]
+    )
     tok_dir = build_tokenizer(work / "tokenizer")
     tokenizer = load_tokenizer(tok_dir)
     timings["data_s"] = time.time() - t
@@ -277,12 +314,19 @@ def train_base(
         log("judge: resumed from work/judge.safetensors")
         judge_acc = None
     else:
+
         @torch.no_grad()
         def reconstruct(x):
             return (vae.decode(vae.encode(_to_unit(x)).latent_dist.mean).sample + 1) / 2
 
-        judge_acc = train_judge(judge_path, seed=seed, steps=judge_steps, finetune_steps=judge_finetune_steps,
-                                reconstruct=reconstruct, log=log)
+        judge_acc = train_judge(
+            judge_path,
+            seed=seed,
+            steps=judge_steps,
+            finetune_steps=judge_finetune_steps,
+            reconstruct=reconstruct,
+            log=log,
+        )
     judge_net = load_judge(judge_path)
     timings["judge_s"] = time.time() - t
 
@@ -349,9 +393,19 @@ def train_base(
         log(f"saved pipeline ({tag}) to {out / 'pipeline'}")
 
     def checkpoint() -> None:
-        _atomic_torch_save(dict(unet=unet.state_dict(), te=te.state_dict(), ema_unet=ema_unet.state_dict(),
-                                ema_te=ema_te.state_dict(), opt=opt.state_dict(), gen=g.get_state(), step=step,
-                                history=history), ckpt_path)
+        _atomic_torch_save(
+            dict(
+                unet=unet.state_dict(),
+                te=te.state_dict(),
+                ema_unet=ema_unet.state_dict(),
+                ema_te=ema_te.state_dict(),
+                opt=opt.state_dict(),
+                gen=g.get_state(),
+                step=step,
+                history=history,
+            ),
+            ckpt_path,
+        )
         save_pipeline(f"step {step}")
 
     def quick_eval() -> dict:
@@ -363,8 +417,9 @@ def train_base(
 
         preds = classify(sample(pipe, prompts, seed=999), judge_net)
         asked = [parse_prompt(p) for p in prompts]
-        r = {k: sum(p[k] == a[k] for p, a in zip(preds, asked)) / len(prompts)
-             for k in ("colour", "shape", "background")}
+        r = {
+            k: sum(p[k] == a[k] for p, a in zip(preds, asked)) / len(prompts) for k in ("colour", "shape", "background")
+        }
         r["step"] = step
         return r
 
@@ -406,8 +461,10 @@ def train_base(
             raise RuntimeError(f"non-finite loss at step {step}")
         if step % 100 == 0:
             el = time.time() - t_unet
-            log(f"unet step {step}/{unet_steps} loss {float(loss):.4f} lr {lr_at(step):.2e} "
-                f"({el / 60:.1f} min this run)")
+            log(
+                f"unet step {step}/{unet_steps} loss {float(loss):.4f} lr {lr_at(step):.2e} "
+                f"({el / 60:.1f} min this run)"
+            )
         if time.time() - last_eval >= eval_every_min * 60:
             r = quick_eval()
             history.append(r)
@@ -425,8 +482,9 @@ def train_base(
     pipe = StableDiffusionPipeline.from_pretrained(out / "pipeline")
     quality = evaluate_base(pipe, judge_net)
     timings["total_s"] = time.time() - t_start
-    result = dict(quality=quality, judge=judge_acc, unet_steps_done=step, history=history, timings=timings,
-                  config=config)
+    result = dict(
+        quality=quality, judge=judge_acc, unet_steps_done=step, history=history, timings=timings, config=config
+    )
     tmp = out / "quality.json.tmp"
     tmp.write_text(json.dumps(result, indent=2))
     os.replace(tmp, out / "quality.json")
@@ -441,8 +499,9 @@ def ship(out_dir: str | Path) -> Path:
 
     out = Path(out_dir)
     if not (out / "pipeline" / "model_index.json").is_file() or not (out / "judge.safetensors").is_file():
-        raise UserError(f"{out} holds no finished training (pipeline/ and judge.safetensors); "
-                        "run `duo shapes train-base` first.")
+        raise UserError(
+            f"{out} holds no finished training (pipeline/ and judge.safetensors); run `duo shapes train-base` first."
+        )
     ASSETS.mkdir(parents=True, exist_ok=True)
     _atomic_dir(lambda p: shutil.copytree(out / "pipeline", p), ASSETS / "pipeline")
     shutil.copyfile(out / "judge.safetensors", ASSETS / "judge.safetensors.tmp")
@@ -467,8 +526,17 @@ def main() -> None:  # python -m duo.shapes.train_base OUT [seed] [minutes]
     ap.add_argument("--log", default=None)
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
-    train_base(a.out, seed=a.seed, minutes=a.minutes, unet_steps=a.unet_steps, vae_steps=a.vae_steps,
-               judge_steps=a.judge_steps, n_images=a.n_images, log_path=a.log, threads=a.threads)
+    train_base(
+        a.out,
+        seed=a.seed,
+        minutes=a.minutes,
+        unet_steps=a.unet_steps,
+        vae_steps=a.vae_steps,
+        judge_steps=a.judge_steps,
+        n_images=a.n_images,
+        log_path=a.log,
+        threads=a.threads,
+    )
 
 
 if __name__ == "__main__":

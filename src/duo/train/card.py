@@ -10,12 +10,22 @@ from duo.data.files import atomic_write_text
 def write_model_card(out: Path, cfg, pairs) -> None:
     c = cfg
     rows = [
-        ("base model", c.model), ("concept", pairs.concept.name + (f" / part {c.part}" if c.part else "")),
-        ("method", c.method), ("β", c.beta), ("λ", c.resolved_lam), ("lr", c.resolved_lr), ("steps", c.steps),
-        ("pairs", len(pairs)), ("pairs per step", f"{c.batch_size} × {c.grad_accum} accumulation × processes"),
-        ("conditioning", c.conditioning), ("keep term", c.keep), ("timesteps", c.timesteps),
+        ("base model", c.model),
+        ("concept", pairs.concept.name + (f" / part {c.part}" if c.part else "")),
+        ("method", c.method),
+        ("β", c.beta),
+        ("λ", c.resolved_lam),
+        ("lr", c.resolved_lr),
+        ("steps", c.steps),
+        ("pairs", len(pairs)),
+        ("pairs per step", f"{c.batch_size} × {c.grad_accum} accumulation × processes"),
+        ("conditioning", c.conditioning),
+        ("keep term", c.keep),
+        ("timesteps", c.timesteps),
         ("LoRA", f"rank {c.rank}, alpha {c.alpha}, targets {c.targets or 'UNet self-attention (attn1 q/k/v/out)'}"),
-        ("seed", c.seed), ("data", str(pairs.folder)), ("data hash (sha256)", pairs.data_hash),
+        ("seed", c.seed),
+        ("data", str(pairs.folder)),
+        ("data hash (sha256)", pairs.data_hash),
     ]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     text = f"""---

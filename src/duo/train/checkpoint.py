@@ -45,8 +45,9 @@ def latest_checkpoint(out: Path) -> Path | None:
 def load_checkpoint(path: Path) -> tuple[int, dict[str, torch.Tensor], dict]:
     step = json.loads((path / "state.json").read_text())["step"]
     lora = load_file(path / "lora.safetensors")
-    optimizer = _unflatten_optimizer(load_file(path / "optimizer.safetensors"),
-                                     json.loads((path / "optimizer.json").read_text()))
+    optimizer = _unflatten_optimizer(
+        load_file(path / "optimizer.safetensors"), json.loads((path / "optimizer.json").read_text())
+    )
     return step, lora, optimizer
 
 

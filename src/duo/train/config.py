@@ -28,16 +28,29 @@ class TrainConfig:
     base_lambda: float = _f(1e6, "base of the λ coupling λ = base_λ·β/100")
     t_min: int | None = _f(None, "lowest preference timestep (default 0)")
     t_max: int | None = _f(None, "preference timesteps are drawn in [t_min, t_max) (default: SDEdit strength·T)")
-    timesteps: str = _f("independent", "t⁺, t⁻ drawn independently (authors) or shared per pair (Diffusion-DPO)",
-                        choices=["independent", "shared"])
-    conditioning: str = _f("empty", "prompt of the preference term, the same for x⁺ and x⁻: empty (authors), "
-                           "concept (the unsafe prompt), mixed (either, per pair)",
-                           choices=["empty", "concept", "mixed"])
-    keep: str = _f("noise", "keep term: noise (x_T at T under c∅, authors) or noise+retain (also safe images "
-                   "under retained prompts at random t)", choices=["noise", "noise+retain"])
+    timesteps: str = _f(
+        "independent",
+        "t⁺, t⁻ drawn independently (authors) or shared per pair (Diffusion-DPO)",
+        choices=["independent", "shared"],
+    )
+    conditioning: str = _f(
+        "empty",
+        "prompt of the preference term, the same for x⁺ and x⁻: empty (authors), "
+        "concept (the unsafe prompt), mixed (either, per pair)",
+        choices=["empty", "concept", "mixed"],
+    )
+    keep: str = _f(
+        "noise",
+        "keep term: noise (x_T at T under c∅, authors) or noise+retain (also safe images "
+        "under retained prompts at random t)",
+        choices=["noise", "noise+retain"],
+    )
     lam_retain: float | None = _f(None, "weight of the retain part of noise+retain (default: λ)")
-    retain_prompts: str = _f("safe", "prompts of the retain term: each pair's safe prompt, or the concept's "
-                             "neighbours", choices=["safe", "neighbours"])
+    retain_prompts: str = _f(
+        "safe",
+        "prompts of the retain term: each pair's safe prompt, or the concept's neighbours",
+        choices=["safe", "neighbours"],
+    )
     rank: int = _f(32, "LoRA rank")
     alpha: float = _f(32.0, "LoRA alpha")
     targets: str | None = _f(None, "LoRA target modules as a regex (default: UNet self-attention q/k/v/out)")
@@ -52,8 +65,11 @@ class TrainConfig:
     overwrite: bool = _f(False, "delete what --out holds and start afresh")
     fuse: bool = _f(False, "also write the full pipeline with the LoRA fused into the weights")
     device: str | None = _f(None, "cpu or cuda (default: what accelerate picks)")
-    threads: int | None = _f(None, "CPU threads for torch (default: torch's choice); 1 per process when "
-                             "several jobs share a small CPU, or they slow each other down several-fold")
+    threads: int | None = _f(
+        None,
+        "CPU threads for torch (default: torch's choice); 1 per process when "
+        "several jobs share a small CPU, or they slow each other down several-fold",
+    )
     tracker: str | None = _f(None, "accelerate tracker (tensorboard, wandb, ...); none by default")
     allow_pickle: bool = _f(False, "allow loading pickled (.bin/.ckpt) weights")
 
@@ -89,12 +105,16 @@ class TrainConfig:
             (self.lam is None or self.lam >= 0, "--lam must be ≥ 0"),
             (self.grad_clip > 0, "--grad-clip must be positive"),
             (not (self.resume and self.overwrite), "--resume and --overwrite exclude each other: pick one"),
-            (self.keep == "noise+retain" or (self.lam_retain is None and self.retain_prompts == "safe"),
-             "--lam-retain and --retain-prompts only apply with --keep noise+retain"),
+            (
+                self.keep == "noise+retain" or (self.lam_retain is None and self.retain_prompts == "safe"),
+                "--lam-retain and --retain-prompts only apply with --keep noise+retain",
+            ),
             (self.t_min is None or self.t_min >= 0, "--t-min must be ≥ 0"),
             (self.t_min is None or self.t_max is None or self.t_min < self.t_max, "--t-min must be below --t-max"),
-            (not (self.mixed_precision == "fp16" and self.device == "cpu"),
-             "fp16 mixed precision needs a GPU; on CPU use --mixed-precision bf16 or no"),
+            (
+                not (self.mixed_precision == "fp16" and self.device == "cpu"),
+                "fp16 mixed precision needs a GPU; on CPU use --mixed-precision bf16 or no",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -107,8 +127,17 @@ class TrainConfig:
 
 
 # Settings a resumed run may change: the rest must equal the first run's.
-RESUMABLE_CHANGES = {"steps", "resume", "overwrite", "fuse", "checkpoint_every", "tracker", "device", "allow_pickle",
-                     "threads"}
+RESUMABLE_CHANGES = {
+    "steps",
+    "resume",
+    "overwrite",
+    "fuse",
+    "checkpoint_every",
+    "tracker",
+    "device",
+    "allow_pickle",
+    "threads",
+}
 
 
 def config_with_concept_defaults(explicit: dict, concept_train: dict) -> TrainConfig:

@@ -43,9 +43,18 @@ def pair_indices(n: int, seed: int, step: int, global_batch: int) -> torch.Tenso
     return torch.tensor(out, dtype=torch.long)
 
 
-def draw_step(seed: int, step: int, global_batch: int, n_pairs: int, latent_shape: tuple[int, ...],
-              t_range: tuple[int, int], shared_t: bool, conditioning: str, t_retain_max: int,
-              n_retain_prompts: int) -> StepDraws:
+def draw_step(
+    seed: int,
+    step: int,
+    global_batch: int,
+    n_pairs: int,
+    latent_shape: tuple[int, ...],
+    t_range: tuple[int, int],
+    shared_t: bool,
+    conditioning: str,
+    t_retain_max: int,
+    n_retain_prompts: int,
+) -> StepDraws:
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
     G = global_batch
     t_lose = torch.randint(t_range[0], t_range[1], (G,), generator=g)

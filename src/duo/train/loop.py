@@ -51,8 +51,9 @@ def train(cfg: TrainConfig) -> Path:
 
     # Without cpu=True accelerate ignores a multi-process launch on a machine with no GPU.
     on_cpu = cfg.device == "cpu" or (cfg.device is None and not torch.cuda.is_available())
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=on_cpu,
-                              log_with=cfg.tracker, project_dir=str(out))
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision, cpu=on_cpu, log_with=cfg.tracker, project_dir=str(out)
+    )
     from duo.models.family import load_family
 
     weight_dtype = {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}[cfg.mixed_precision]
@@ -63,8 +64,10 @@ def train(cfg: TrainConfig) -> Path:
         if cfg.overwrite and out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
-        run_shape = {"processes": accelerator.num_processes,
-                     "pairs_per_step": cfg.batch_size * cfg.grad_accum * accelerator.num_processes}
+        run_shape = {
+            "processes": accelerator.num_processes,
+            "pairs_per_step": cfg.batch_size * cfg.grad_accum * accelerator.num_processes,
+        }
         atomic_write_text(out / "config.json", json.dumps({**cfg.to_dict(), **run_shape}, indent=2))
     accelerator.wait_for_everyone()
 
@@ -73,8 +76,9 @@ def train(cfg: TrainConfig) -> Path:
     cache = build_cache(family, pairs, cfg, accelerator.device)
     family.offload_encoders()  # only the UNet is needed from here on
     params = lora_parameters(family.unet)
-    optimizer = torch.optim.AdamW(params, lr=cfg.resolved_lr, betas=(0.9, 0.999), eps=1e-8,
-                                  weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.resolved_lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay
+    )
     start = _restore(cfg, out, family.unet, optimizer)
     if accelerator.is_main_process:
         _truncate_metrics(out, start)  # a resumed run rewrites the steps after its checkpoint
@@ -84,8 +88,9 @@ def train(cfg: TrainConfig) -> Path:
 
     run = _Run(cfg, pairs, family, cache, accelerator, unet, optimizer, params)
     metrics_path = out / "metrics.jsonl"
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train",
-               disable=not accelerator.is_main_process)
+    bar = tqdm(
+        range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", disable=not accelerator.is_main_process
+    )
     for step in bar:
         metrics = run.step(step)
         if accelerator.is_main_process:
@@ -104,16 +109,20 @@ def _check_out_folder(cfg: TrainConfig, out: Path) -> None:
     if not out.exists() or not any(out.iterdir()) or cfg.overwrite:
         return
     if not cfg.resume:
-        raise UserError(f"'{out}' already holds a run. Pass --resume to continue it, --overwrite to replace it, "
-                        "or choose another --out.")
+        raise UserError(
+            f"'{out}' already holds a run. Pass --resume to continue it, --overwrite to replace it, "
+            "or choose another --out."
+        )
     previous_path = out / "config.json"
     if not previous_path.is_file():
         raise UserError(f"'{out}' is not a `duo train` folder (no config.json); choose another --out.")
     previous, now = json.loads(previous_path.read_text()), cfg.to_dict()
     changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and previous.get(k) != now[k])
     if changed:
-        raise UserError(f"--resume with other settings than the run in '{out}' ({', '.join(changed)} differ). "
-                        "Resume with the original settings, or train into a new --out.")
+        raise UserError(
+            f"--resume with other settings than the run in '{out}' ({', '.join(changed)} differ). "
+            "Resume with the original settings, or train into a new --out."
+        )
 
 
 def _restore(cfg: TrainConfig, out: Path, unet, optimizer) -> int:
@@ -150,8 +159,10 @@ def build_cache(family, pairs: PairSet, cfg: TrainConfig, device) -> Cache:
         raise UserError("--retain-prompts neighbours needs a 'neighbours' list in the concept file.")
     encode = family.encode_prompts
     return Cache(
-        mean=torch.stack(means, 1).to(device), std=torch.stack(stds, 1).to(device),
-        emb_empty=encode([""]).to(device), emb_unsafe=encode(pairs.unsafe_prompts).to(device),
+        mean=torch.stack(means, 1).to(device),
+        std=torch.stack(stds, 1).to(device),
+        emb_empty=encode([""]).to(device),
+        emb_unsafe=encode(pairs.unsafe_prompts).to(device),
         emb_retain=encode(retain_prompts).to(device) if cfg.keep == "noise+retain" else encode([""]).to(device),
     )
 
@@ -161,8 +172,10 @@ def preference_range(cfg: TrainConfig, family, pairs: PairSet) -> tuple[int, int
     lo, hi = family.preference_timesteps(pairs.strength)
     t_range = (cfg.t_min if cfg.t_min is not None else lo, cfg.t_max if cfg.t_max is not None else hi)
     if not 0 <= t_range[0] < t_range[1] <= family.num_train_timesteps:
-        raise UserError(f"preference timesteps [{t_range[0]}, {t_range[1]}) are empty or outside the model's "
-                        f"{family.num_train_timesteps} steps; adjust --t-min / --t-max.")
+        raise UserError(
+            f"preference timesteps [{t_range[0]}, {t_range[1]}) are empty or outside the model's "
+            f"{family.num_train_timesteps} steps; adjust --t-min / --t-max."
+        )
     return t_range
 
 
@@ -176,9 +189,18 @@ class _Run:
 
     def step(self, step: int) -> dict:
         cfg, started = self.cfg, time.perf_counter()
-        draws = draw_step(cfg.seed, step, self.global_batch, len(self.pairs), tuple(self.cache.mean.shape[2:]),
-                          self.t_range, cfg.timesteps == "shared", cfg.conditioning,
-                          self.family.num_train_timesteps, self.cache.emb_retain.shape[0])
+        draws = draw_step(
+            cfg.seed,
+            step,
+            self.global_batch,
+            len(self.pairs),
+            tuple(self.cache.mean.shape[2:]),
+            self.t_range,
+            cfg.timesteps == "shared",
+            cfg.conditioning,
+            self.family.num_train_timesteps,
+            self.cache.emb_retain.shape[0],
+        )
         sums: dict[str, float] = {}
         for m in range(cfg.grad_accum):
             first = (m * self.world + self.rank) * cfg.batch_size
@@ -192,13 +214,20 @@ class _Run:
         reduced = self.acc.reduce(torch.tensor(list(sums.values()), device=self.acc.device), "mean")
         metrics = dict(zip(sums, reduced.tolist()))
         if not torch.isfinite(reduced).all():
-            raise UserError(f"the loss became {metrics['loss']} at step {step + 1}. Earlier checkpoints in "
-                            f"'{cfg.out}' are intact. Lower --lr or --beta, or train in fp32 (--mixed-precision no).")
+            raise UserError(
+                f"the loss became {metrics['loss']} at step {step + 1}. Earlier checkpoints in "
+                f"'{cfg.out}' are intact. Lower --lr or --beta, or train in fp32 (--mixed-precision no)."
+            )
         grad_norm = self.acc.clip_grad_norm_(self.params, cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"step": step + 1, **metrics, "grad_norm": float(grad_norm),
-                "lr": self.optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - started, 4)}
+        return {
+            "step": step + 1,
+            **metrics,
+            "grad_norm": float(grad_norm),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "seconds": round(time.perf_counter() - started, 4),
+        }
 
     def micro_loss(self, d: StepDraws):
         """One batched forward over [x⁻_t ; x⁺_t ; x_T (; x⁺ at random t for retain)], policy and reference."""
@@ -217,15 +246,23 @@ class _Run:
             ts.append(d.t_retain)
             embs.append(c.emb_retain[retain_idx])
         latents, ts, embs = torch.cat(latents), torch.cat(ts), torch.cat(embs)
-        target = torch.cat([fam.training_target(x_lose0, d.noise, d.t_lose),
-                            fam.training_target(x_win0, d.noise, d.t_win)])
+        target = torch.cat(
+            [fam.training_target(x_lose0, d.noise, d.t_lose), fam.training_target(x_win0, d.noise, d.t_win)]
+        )
         base = self.acc.unwrap_model(self.unet)
         with self.acc.autocast():
             with torch.no_grad(), adapters_disabled(base):
                 reference = fam.denoise(base, latents, ts, embs)
             policy = fam.denoise(self.unet, latents, ts, embs)
-        return duo_loss(policy, reference, target, b, self.cfg.beta, self.cfg.resolved_lam,
-                        self.cfg.resolved_lam_retain if self.cfg.keep == "noise+retain" else 0.0)
+        return duo_loss(
+            policy,
+            reference,
+            target,
+            b,
+            self.cfg.beta,
+            self.cfg.resolved_lam,
+            self.cfg.resolved_lam_retain if self.cfg.keep == "noise+retain" else 0.0,
+        )
 
 
 def _checkpoint(accelerator, out: Path, step: int, unet, optimizer) -> None:
