@@ -142,3 +142,12 @@ def test_empty_timestep_range_is_refused_before_writing(tiny_model, pairs_dir, t
     result = duo("train", "--model", tiny_model, "--data", pairs_dir, "--out", tmp_path / "lora", "--t-min", 800)
     assert_user_error(result, "--t-min")
     assert not (tmp_path / "lora").exists()
+
+
+def test_overwrite_never_deletes_a_foreign_folder(pairs_dir, tmp_path):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    result = duo("train", "--model", tmp_path / "no-model", "--data", pairs_dir, "--out", precious, "--overwrite")
+    assert_user_error(result, "refuses to delete")
+    assert (precious / "thesis.tex").read_text() == "years of work"

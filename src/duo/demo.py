@@ -54,7 +54,9 @@ def pick_world(name: str) -> str:
 def run_demo(cfg: DemoConfig) -> dict:
     world = pick_world(cfg.world)
     out = Path(cfg.out)
-    if cfg.fresh and out.exists():
+    if cfg.fresh and out.exists() and any(out.iterdir()):
+        if not ((out / "pairs" / "curate.json").is_file() or (out / "results.json").is_file()):
+            raise UserError(f"--fresh refuses to delete '{out}': it does not look like a demo run folder.")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

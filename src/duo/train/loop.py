@@ -106,7 +106,11 @@ def train(cfg: TrainConfig) -> Path:
 
 
 def _check_out_folder(cfg: TrainConfig, out: Path) -> None:
-    if not out.exists() or not any(out.iterdir()) or cfg.overwrite:
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if cfg.overwrite:
+        if not (out / "config.json").is_file():  # --overwrite deletes the folder: only ever one of ours
+            raise UserError(f"--overwrite refuses to delete '{out}': it is not a `duo train` folder.")
         return
     if not cfg.resume:
         raise UserError(
