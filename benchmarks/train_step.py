@@ -38,6 +38,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from duo.models.tiny import TINY_TEXT, TINY_UNET, TINY_VAE, build_random_pipeline  # noqa: E402
+
 VARIANTS = {
     "ours": "ours (cached latents + embeddings)",
     "baseline": "baseline (VAE + text encode every step)",
@@ -58,25 +60,7 @@ SIZES = {
         "vae": {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "latent_channels": 4},
         "text": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12},
     },
-    "small": {
-        "unet": {
-            "sample_size": 8,
-            "block_out_channels": (32, 64),
-            "layers_per_block": 1,
-            "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
-            "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
-            "cross_attention_dim": 32,
-            "attention_head_dim": 8,
-            "norm_num_groups": 8,
-        },
-        "vae": {
-            "block_out_channels": (8, 16, 32, 32),
-            "layers_per_block": 1,
-            "latent_channels": 4,
-            "norm_num_groups": 8,
-        },
-        "text": {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4},
-    },
+    "small": {"unet": TINY_UNET, "vae": TINY_VAE, "text": TINY_TEXT},
 }
 
 PROMPTS = [  # (unsafe, safe); words from duo.models.tiny.WORDS so the toy tokenizer knows them
@@ -91,62 +75,8 @@ PROMPTS = [  # (unsafe, safe); words from duo.models.tiny.WORDS so the toy token
 
 
 def build_pipeline(folder: Path, size: str, seed: int = 0) -> dict[str, int]:
-    """Random SD 1.x-shaped pipeline saved to `folder` (like duo.models.tiny, other sizes); returns param counts."""
-    import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    from duo.models.tiny import write_tokenizer
-
     spec = SIZES[size]
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**spec["unet"])
-    latent = spec["unet"]["sample_size"]
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        sample_size=latent * 8,
-        **spec["vae"],
-    )
-    tok_dir = folder.parent / f"{folder.name}-tokenizer"
-    write_tokenizer(tok_dir)
-    tokenizer = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            max_position_embeddings=77,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-            **spec["text"],
-        )
-    )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    pipe = StableDiffusionPipeline(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(folder)
-    shutil.rmtree(tok_dir)
-    return {
-        name: sum(p.numel() for p in m.parameters())
-        for name, m in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder))
-    }
+    return build_random_pipeline(folder, spec["unet"], spec["vae"], spec["text"], seed=seed)
 
 
 def write_pairs(folder: Path, n: int, resolution: int, seed: int = 0) -> None:

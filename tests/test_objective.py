@@ -72,18 +72,10 @@ def test_keep_term_is_zero_at_lora_init():
     from diffusers import UNet2DConditionModel
 
     from duo.models.lora import SELF_ATTENTION, adapters_disabled, attach_lora
+    from duo.models.tiny import TINY_UNET
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
+    unet = UNet2DConditionModel(**TINY_UNET)
     attach_lora(unet, rank=4, alpha=4, targets=SELF_ATTENTION)
     x, t, emb = torch.randn(3, 4, 8, 8), torch.tensor([10, 20, 999]), torch.randn(3, 5, 32)
     with torch.no_grad(), adapters_disabled(unet):

@@ -52,34 +52,38 @@ def write_tokenizer(folder: Path, words: list[str] = WORDS, max_length: int = 77
     )
 
 
-def build_tiny_pipeline(
-    folder: str | Path, seed: int = 0, prediction_type: str = "epsilon", sample_size: int = 8
-) -> Path:
-    """Build, save and return a random tiny SD 1.x pipeline folder (64 px images, 8×8 latents)."""
+# Sizes of the tiny pipeline (< 1 M parameters in the UNet); other sizes pass their own.
+TINY_UNET = {
+    "sample_size": 8,
+    "block_out_channels": (32, 64),
+    "layers_per_block": 1,
+    "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+    "cross_attention_dim": 32,
+    "attention_head_dim": 8,
+    "norm_num_groups": 8,
+}
+TINY_VAE = {"block_out_channels": (8, 16, 32, 32), "layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 8}
+TINY_TEXT = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4}
+
+
+def build_random_pipeline(
+    folder: str | Path, unet: dict, vae: dict, text: dict, seed: int = 0, prediction_type: str = "epsilon"
+) -> dict[str, int]:
+    """Save a randomly initialised SD 1.x pipeline of the given sizes; returns parameter counts."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     folder = Path(folder)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=sample_size,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16, 32, 32),
+    unet_model = UNet2DConditionModel(**unet)
+    vae_model = AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        norm_num_groups=8,
-        sample_size=sample_size * 8,
+        down_block_types=("DownEncoderBlock2D",) * len(vae["block_out_channels"]),
+        up_block_types=("UpDecoderBlock2D",) * len(vae["block_out_channels"]),
+        sample_size=unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1),
+        **vae,
     )
     tok_dir = folder / "_tok"
     write_tokenizer(tok_dir)
@@ -87,17 +91,14 @@ def build_tiny_pipeline(
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
             max_position_embeddings=77,
             bos_token_id=0,
             eos_token_id=1,
             pad_token_id=1,
+            **text,
         )
     )
-    scheduler = DDIMScheduler(
+    scheduler = DDIMScheduler(  # SD's schedule
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
@@ -107,8 +108,8 @@ def build_tiny_pipeline(
         steps_offset=1,
     )
     pipe = StableDiffusionPipeline(
-        unet=unet,
-        vae=vae,
+        unet=unet_model,
+        vae=vae_model,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         scheduler=scheduler,
@@ -120,4 +121,13 @@ def build_tiny_pipeline(
     for f in tok_dir.iterdir():
         f.unlink()
     tok_dir.rmdir()
-    return folder
+    return {
+        n: sum(p.numel() for p in m.parameters())
+        for n, m in (("unet", unet_model), ("vae", vae_model), ("text_encoder", text_encoder))
+    }
+
+
+def build_tiny_pipeline(folder: str | Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
+    """Build, save and return a random tiny SD 1.x pipeline folder (64 px images, 8×8 latents)."""
+    build_random_pipeline(folder, TINY_UNET, TINY_VAE, TINY_TEXT, seed=seed, prediction_type=prediction_type)
+    return Path(folder)
