@@ -510,34 +510,3 @@ def ship(out_dir: str | Path) -> Path:
         shutil.copyfile(out / "quality.json", ASSETS / "quality.json")
     _VERIFIED.clear()
     return write_sums(ASSETS)
-
-
-def main() -> None:  # python -m duo.shapes.train_base OUT [seed] [minutes]
-    import argparse
-
-    ap = argparse.ArgumentParser()
-    ap.add_argument("out")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--minutes", type=float, default=None)
-    ap.add_argument("--unet-steps", type=int, default=8400)
-    ap.add_argument("--vae-steps", type=int, default=2000)
-    ap.add_argument("--judge-steps", type=int, default=1000)
-    ap.add_argument("--n-images", type=int, default=60_000)
-    ap.add_argument("--log", default=None)
-    ap.add_argument("--threads", type=int, default=1)
-    a = ap.parse_args()
-    train_base(
-        a.out,
-        seed=a.seed,
-        minutes=a.minutes,
-        unet_steps=a.unet_steps,
-        vae_steps=a.vae_steps,
-        judge_steps=a.judge_steps,
-        n_images=a.n_images,
-        log_path=a.log,
-        threads=a.threads,
-    )
-
-
-if __name__ == "__main__":
-    main()
