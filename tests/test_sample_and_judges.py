@@ -93,3 +93,12 @@ def test_unknown_judge_and_preset_are_user_errors():
         get_judge("clip-oracle")
     with pytest.raises(UserError, match="preset"):
         get_judge("nudenet", {"preset": "nope"})
+
+
+def test_sample_refuses_to_mix_settings(tiny_model, two_loras, tmp_path):
+    from duo.errors import UserError
+
+    out = str(tmp_path / "s")
+    sample(SampleConfig(model=tiny_model, out=out, prompt=["a cat"], seeds=[0], steps=2))
+    with pytest.raises(UserError, match="other settings"):
+        sample(SampleConfig(model=tiny_model, out=out, prompt=["a cat"], seeds=[1], steps=2, lora=[two_loras[0]]))

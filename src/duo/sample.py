@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -47,34 +48,48 @@ class SampleConfig:
         return prompts
 
 
+# Settings that decide the pixels; a folder holds images of one setting only.
+RUN_KEYS = ("model", "lora", "negative_prompt", "steps", "guidance", "resolution", "dtype")
+
+
+def image_name(prompt: str, seed: int) -> str:
+    return f"{hashlib.sha256(prompt.encode()).hexdigest()[:12]}-seed{seed}.png"
+
+
 def sample(cfg: SampleConfig) -> list[dict]:
-    """Generate every prompt × seed into cfg.out; returns the records of images.jsonl."""
+    """Generate every prompt × seed into cfg.out; returns the records of images.jsonl (resumes)."""
     prompts = cfg.prompts()
     loras = [parse_lora_spec(s) for s in cfg.lora or []]
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     index = out / "images.jsonl"
-    done = {r["file"] for r in read_jsonl(index, repair=True)}
-    jobs = [(p, s, f"{i:04d}-seed{s}.png") for i, p in enumerate(prompts) for s in cfg.seeds]
-    todo = [j for j in jobs if j[2] not in done]
+    settings = json.loads(json.dumps({k: getattr(cfg, k) for k in RUN_KEYS}))
+    records = read_jsonl(index, repair=True)
+    if any({k: r.get(k) for k in RUN_KEYS} != settings for r in records):
+        raise UserError(
+            f"'{out}' holds images made with other settings ({', '.join(RUN_KEYS)}). "
+            "Use another --out, or the original settings to add prompts or seeds."
+        )
+    done = {(r["prompt"], r["seed"]) for r in records}
+    todo = [(p, s) for p in dict.fromkeys(prompts) for s in cfg.seeds if (p, s) not in done]
     if todo:
         from duo.models.family import load_family
 
         family = load_family(cfg.model, dtype=cfg.dtype, device=cfg.device, allow_pickle=cfg.allow_pickle)
         family.load_loras(loras)
-        settings = {k: v for k, v in asdict(cfg).items() if k not in ("prompt", "prompts_file", "seeds", "out")}
+        out.mkdir(parents=True, exist_ok=True)
         for start in tqdm(range(0, len(todo), cfg.batch_size), desc="sample", unit="batch"):
             batch = todo[start : start + cfg.batch_size]
             negatives = [cfg.negative_prompt] * len(batch) if cfg.negative_prompt else None
             images = family.text2image(
-                [p for p, _, _ in batch],
-                [s for _, s, _ in batch],
+                [p for p, _ in batch],
+                [s for _, s in batch],
                 cfg.steps,
                 cfg.guidance,
                 cfg.resolution,
                 negative_prompts=negatives,
             )
-            for (prompt, seed, name), image in zip(batch, images):
+            for (prompt, seed), image in zip(batch, images):
+                name = image_name(prompt, seed)
                 atomic_save_image(out / name, image)
-                append_jsonl(index, {"file": name, "prompt": prompt, "seed": seed, **json.loads(json.dumps(settings))})
+                append_jsonl(index, {"file": name, "prompt": prompt, "seed": seed, **settings})
     return read_jsonl(index)
