@@ -29,6 +29,29 @@ def torch_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+# Stable Diffusion's noise schedule, shared by every pipeline this project builds itself.
+SD_BETAS = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+
+
+def assemble_pipeline(unet, vae, text_encoder, tokenizer, prediction_type: str = "epsilon"):
+    """A StableDiffusionPipeline from components, with SD's DDIM sampler and no safety checker."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    scheduler = DDIMScheduler(
+        **SD_BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type
+    )
+    return StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
 def images_to_tensor(images: list[Image.Image], size: int | None = None) -> torch.Tensor:
     """PIL images → float tensor in [-1, 1], (N, 3, H, W)."""
     arrays = []

@@ -71,8 +71,10 @@ def build_random_pipeline(
     folder: str | Path, unet: dict, vae: dict, text: dict, seed: int = 0, prediction_type: str = "epsilon"
 ) -> dict[str, int]:
     """Save a randomly initialised SD 1.x pipeline of the given sizes; returns parameter counts."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from duo.models.sd import assemble_pipeline
 
     folder = Path(folder)
     torch.manual_seed(seed)
@@ -98,25 +100,7 @@ def build_random_pipeline(
             **text,
         )
     )
-    scheduler = DDIMScheduler(  # SD's schedule
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        prediction_type=prediction_type,
-        steps_offset=1,
-    )
-    pipe = StableDiffusionPipeline(
-        unet=unet_model,
-        vae=vae_model,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = assemble_pipeline(unet_model, vae_model, text_encoder, tokenizer, prediction_type)
     pipe.save_pretrained(folder)
     for f in tok_dir.iterdir():
         f.unlink()

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from duo.models.sd import SD_BETAS, assemble_pipeline
 from duo.shapes.render import (
     BACKGROUNDS,
     COLOURS,
@@ -36,8 +37,6 @@ from duo.shapes.render import (
     render_dataset,
 )
 from duo.shapes.tokenizer import MAX_LENGTH, build_tokenizer, load_tokenizer
-
-SD_BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
 
 class Logger:
@@ -122,27 +121,8 @@ def make_text_encoder(vocab_size: int, bos: int, eos: int, pad: int):
     return CLIPTextModel(cfg)
 
 
-def ddim_scheduler():
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler(
-        **SD_BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon"
-    )
-
-
 def build_pipeline(vae, text_encoder, tokenizer, unet):
-    from diffusers import StableDiffusionPipeline
-
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=ddim_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return assemble_pipeline(unet, vae, text_encoder, tokenizer)
 
 
 def _to_unit(x: torch.Tensor) -> torch.Tensor:  # [0,1] -> [-1,1]
