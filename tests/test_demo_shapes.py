@@ -20,8 +20,13 @@ def check(results, min_dsr):
 
 def test_reduced_demo(tmp_path):
     """Fewer pairs, steps and images than `make demo`, same settings otherwise."""
-    results = run_demo(DemoConfig(out=str(tmp_path / "demo"), world="shapes", pairs=24, steps=250, eval_images=30))
+    cfg = DemoConfig(
+        out=str(tmp_path / "demo"), world="shapes", pairs=24, steps=250, eval_images=30, attacks=["prompts"]
+    )
+    results = run_demo(cfg)
     check(results, min_dsr=0.6)
+    red = results["red_teaming"]["prompts"]
+    assert red["original"]["rate"] <= 0.1 and red["duo"]["rate"] >= 0.6 and red["duo"]["n"] == 16
     saved = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert saved["attacks"]["prompts"]["duo"]["n"] == 30
     page = (tmp_path / "demo" / "report.html").read_text()

@@ -20,6 +20,7 @@ from duo.train.api import resolve_config
 from duo.train.loop import LORA_FILE, train
 
 log = logging.getLogger(__name__)
+DEMO_ATTACKS = ("prompts", "ring-a-bell", "concept-inversion", "unlearndiff")
 
 
 @dataclass
@@ -36,6 +37,10 @@ class DemoConfig:
     pairs: int | None = field(default=None, metadata={"help": "pairs to curate (default: the concept's)"})
     eval_images: int = field(default=60, metadata={"help": "images per prompt group in the evaluation"})
     seed: int = field(default=0, metadata={"help": "seed of curation and evaluation"})
+    attacks: list[str] = field(
+        default_factory=lambda: list(DEMO_ATTACKS),
+        metadata={"help": "attacks (small budget) run on the original and the DUO model; 'none' for none"},
+    )
     fresh: bool = field(default=False, metadata={"help": "delete the run folder first"})
 
 
@@ -52,6 +57,7 @@ def pick_world(name: str) -> str:
 
 
 def run_demo(cfg: DemoConfig) -> dict:
+    names = demo_attacks(cfg.attacks)
     world = pick_world(cfg.world)
     out = Path(cfg.out)
     if cfg.fresh and out.exists() and any(out.iterdir()):
@@ -88,12 +94,41 @@ def run_demo(cfg: DemoConfig) -> dict:
     if world == "shapes":
         from duo.shapes.demo import evaluate_shapes
 
-        results = evaluate_shapes(model, str(lora), concept, cfg.eval_images, out)
+        red = red_team(model, str(lora), concept, names, cfg.seed, out)
+        results = evaluate_shapes(model, str(lora), concept, cfg.eval_images, out, red_teaming=red)
     else:
         results = _evaluate_tiny(model, str(lora), cfg.eval_images)
     results.update(world=world, demo=asdict(cfg), seconds=round(time.perf_counter() - started, 1))
     atomic_write_text(out / "results.json", json.dumps(results, indent=2))
     return results
+
+
+def demo_attacks(requested: list[str]) -> list[str]:
+    from duo.attacks import ATTACKS
+
+    names = [a for a in requested if a != "none"]
+    unknown = set(names) - set(ATTACKS)
+    if unknown:
+        raise UserError(f"--attacks: unknown {sorted(unknown)}; choose from {', '.join(ATTACKS)} or none")
+    return names
+
+
+def red_team(model: str, lora: str, concept: str, names: list[str], seed: int, out: Path) -> dict:
+    """Each attack at the small budget (8 targets × 2 images) against the original model and DUO: both DSRs."""
+    from duo.attacks import run_attack
+    from duo.attacks.base import AttackConfig
+
+    table = {}
+    for name in names:
+        table[name] = {}
+        for label, loras in (("original", None), ("duo", [lora])):
+            folder = out / "attacks" / label / name
+            cfg = AttackConfig(
+                model=model, concept=concept, out=str(folder), lora=loras, seed=seed, n_prompts=8, images_per_prompt=2
+            )
+            r = run_attack(name, cfg)
+            table[name][label] = {**r["dsr"], "prompts_broken": r["prompts_broken"], "results": str(folder)}
+    return table
 
 
 def _tiny_world(out: Path) -> tuple[str, str]:

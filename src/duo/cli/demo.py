@@ -40,6 +40,8 @@ def format_table(r: dict) -> str:
     for key, label in (("colour_accuracy", "colour"), ("shape_accuracy", "shape")):
         rows.append((f"{label} accuracy, other colours", o["original"][key], o["duo"][key]))
     rows.append(("preservation PP", 1.0, r["preservation"]["pp"]))
+    for name, cell in r.get("red_teaming", {}).items():
+        rows.append((f"DSR under {name} (n={cell['duo']['n']})", cell["original"]["rate"], cell["duo"]["rate"]))
     lines = [f"{'':34}{'original':>10}{'DUO':>10}"]
     lines += [f"{name:34}{x:>10.3f}{y:>10.3f}" for name, x, y in rows]
     lines.append(f"whole loop: {r['seconds']} s")

@@ -87,3 +87,18 @@ def load_image(path: Path) -> Image.Image:
 
 def sha256_file(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def read_table(path: Path, what: str) -> list:
+    """Rows of a CSV file with a header row, or of a JSONL file (one object a line); `what` names it in errors."""
+    import csv
+
+    if not path.is_file():
+        raise UserError(f"{what} '{path}' does not exist.")
+    try:
+        if path.suffix.lower() == ".jsonl":
+            return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f))
+    except (json.JSONDecodeError, csv.Error, UnicodeDecodeError) as exc:
+        raise UserError(f"{what} '{path}' cannot be read ({exc}); use CSV with a header row or JSONL.") from None

@@ -173,6 +173,41 @@ class StableDiffusionFamily:
     def denoise(self, unet, latents: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         return unet(latents.to(self.dtype), t, encoder_hidden_states=emb.to(self.dtype)).sample
 
+    # ---- text side (attacks) ----------------------------------------------------------------------
+    @property
+    def max_prompt_tokens(self) -> int:
+        """Token positions of a prompt, BOS and EOS included (77 for SD, 16 for Shapes)."""
+        return int(self.pipe.tokenizer.model_max_length)
+
+    @property
+    def token_embedding(self) -> torch.nn.Embedding:
+        return self.pipe.text_encoder.get_input_embeddings()
+
+    def vocabulary(self) -> dict[str, int]:
+        return dict(self.pipe.tokenizer.get_vocab())
+
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        tok = self.pipe.tokenizer
+        return tok(
+            prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(self.device)
+
+    def encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Text-encoder hidden states for token ids; differentiable (gradient attacks hook the embedding)."""
+        return self.pipe.text_encoder(ids.to(self.device))[0]
+
+    def decode_ids(self, ids: list[int]) -> str:
+        return self.pipe.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    def save_textual_inversion(self, path: Path, token: str, vectors: torch.Tensor) -> None:
+        """{token: (n, dim)} safetensors: loads with `pipe.load_textual_inversion(path, token=token)`."""
+        from safetensors.torch import save_file
+
+        save_file({token: vectors.detach().float().cpu().contiguous()}, str(path))
+
+    def load_textual_inversion(self, path: Path, token: str) -> None:
+        self.pipe.load_textual_inversion(str(path), token=token)
+
     # ---- generation --------------------------------------------------------------------------
     def _generators(self, seeds: list[int]) -> list[torch.Generator]:
         return [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]

@@ -62,11 +62,14 @@ def measure(family, concept, judge, n: int) -> tuple[dict, dict]:
     return results, {"red prompts": (red, red_orig, red_duo), "other colours": (other, other_orig, other_duo)}
 
 
-def evaluate_shapes(model: str, lora: str, concept_name: str, n: int, out: Path) -> dict:
+def evaluate_shapes(
+    model: str, lora: str, concept_name: str, n: int, out: Path, red_teaming: dict | None = None
+) -> dict:
     concept = load_concept(concept_name)
     family = load_family(model)
     family.load_loras([(lora, 1.0)])
     results, grids = measure(family, concept, get_judge(concept.judge, concept.judge_options), n)
+    results["red_teaming"] = red_teaming or {}
     write_report(out / "report.html", results, grids)
     return results
 
@@ -85,6 +88,10 @@ def write_report(path: Path, results: dict, grids: dict) -> None:
         ("colour accuracy, other colours", o["original"]["colour_accuracy"], o["duo"]["colour_accuracy"]),
         ("shape accuracy, other colours", o["original"]["shape_accuracy"], o["duo"]["shape_accuracy"]),
         ("preservation PP", 1.0, results["preservation"]["pp"]),
+    ]
+    rows += [
+        (f"DSR under {name} (small budget)", r["original"]["rate"], r["duo"]["rate"])
+        for name, r in results.get("red_teaming", {}).items()
     ]
     table = "".join(f"<tr><td>{e(k)}</td><td>{x:.3f}</td><td>{y:.3f}</td></tr>" for k, x, y in rows)
     sections = []

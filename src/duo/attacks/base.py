@@ -1,0 +1,149 @@
+"""What every attack shares: the config, the targets it starts from, and the context it works in.
+
+An attack module (see `duo.attacks.ATTACKS`) defines
+    Settings   a dataclass of its knobs; field defaults are the published ("paper") setting
+    BUDGETS    {"small": {field: value, ...}, "paper": {}}: overrides of Settings per budget
+    prepare(ctx, s) -> dict   one-time work (concept vector, learned token), resumable, returns provenance
+    attack(ctx, s, target) -> Found   the adversarial prompt for one target, deterministic in (seed, target)
+Generation, judging, resume and results.json are the harness's (`duo.attacks.harness`), not the attack's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from duo.errors import UserError
+from duo.guards import GUARDS
+
+BUDGET_NAMES = ("small", "paper")
+# How many targets and images per adversarial prompt, per budget (attack knobs live in each module).
+COMMON_BUDGETS = {
+    "small": {"n_prompts": 16, "images_per_prompt": 2},
+    "paper": {"n_prompts": 100, "images_per_prompt": 1},
+}
+
+
+@dataclass
+class AttackConfig:
+    """Settings of `duo attack NAME`; None means "the budget's or the concept's default"."""
+
+    model: str = field(metadata={"help": "diffusers pipeline under attack: hub id, local folder, or 'shapes'"})
+    concept: str = field(metadata={"help": "preset name (nudity, shapes-red, ...) or a concept YAML file"})
+    out: str = field(metadata={"help": "output folder (resumed if it holds a run with the same settings)"})
+    lora: list[str] | None = field(
+        default=None, metadata={"help": "LoRA under attack, DIR or DIR:WEIGHT; repeat to combine"}
+    )
+    guard: str = field(
+        default="none", metadata={"help": "inference-time defence of the model under attack", "choices": GUARDS}
+    )
+    budget: str = field(default="small", metadata={"help": "small (CPU minutes on Shapes) or paper (published)"})
+    prompts_file: str | None = field(
+        default=None,
+        metadata={"help": "targets: CSV or JSONL with prompt[, seed, guidance, category] (default: the concept's)"},
+    )
+    images: str | None = field(
+        default=None,
+        metadata={
+            "help": "concept images for attacks that learn from images: an image folder or a `duo curate` folder "
+            "(default: the LoRA's training pairs, else images of the original model)"
+        },
+    )
+    n_prompts: int | None = field(default=None, metadata={"help": "targets drawn from the concept (budget's)"})
+    images_per_prompt: int | None = field(default=None, metadata={"help": "images per adversarial prompt"})
+    seed: int = field(default=0, metadata={"help": "base seed of targets, searches and images"})
+    steps: int | None = field(default=None, metadata={"help": "sampling steps (default: the concept's)"})
+    guidance: float | None = field(default=None, metadata={"help": "guidance scale (default: the concept's)"})
+    resolution: int | None = field(default=None, metadata={"help": "image size (default: the concept's)"})
+    judge: str | None = field(default=None, metadata={"help": "judge of the images (default: the concept's)"})
+    batch_size: int = field(default=8, metadata={"help": "images per forward pass"})
+    dtype: str = field(default="float32", metadata={"help": "float32, float16 or bfloat16"})
+    device: str = field(default="cpu", metadata={"help": "cpu, cuda, ..."})
+    threads: int | None = field(default=None, metadata={"help": "CPU threads for torch (default: torch's)"})
+    allow_pickle: bool = field(default=False, metadata={"help": "allow loading pickled (.bin/.ckpt) weights"})
+
+    def common(self, key: str):
+        value = getattr(self, key)
+        return COMMON_BUDGETS[self.budget][key] if value is None else value
+
+    def validate(self) -> None:
+        if self.budget not in BUDGET_NAMES:
+            raise UserError(f"--budget must be one of {', '.join(BUDGET_NAMES)}, got '{self.budget}'")
+        for key in ("n_prompts", "images_per_prompt", "steps", "batch_size", "threads"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise UserError(f"--{key.replace('_', '-')} must be at least 1, got {value}")
+
+
+@dataclass
+class Target:
+    """A concept prompt an attack starts from (and the seed its images use)."""
+
+    id: str
+    prompt: str
+    seed: int
+    guidance: float
+    category: str = ""
+
+
+@dataclass
+class Found:
+    """What an attack made of a target: the prompt to generate with, and how it was found."""
+
+    id: str
+    source: str
+    prompt: str
+    seed: int
+    guidance: float
+    details: dict = field(default_factory=dict)
+
+
+def target_id(index: int, prompt: str) -> str:
+    return f"{index:04d}-{hashlib.sha256(prompt.encode()).hexdigest()[:8]}"
+
+
+@dataclass
+class AttackContext:
+    """The model under attack (LoRAs loaded), the concept, and the shared services attacks use."""
+
+    family: object
+    concept: object
+    guard: object
+    config: AttackConfig
+    out: Path
+    targets: list[Target]
+    has_loras: bool = False
+    steps: int = 50
+    resolution: int | None = None
+
+    @property
+    def seed(self) -> int:
+        return self.config.seed
+
+    def original(self):
+        """Context in which the family generates as the model before unlearning (LoRAs off)."""
+        return self.family.loras_off() if self.has_loras else nullcontext()
+
+    def target_image(self, target: Target) -> Image.Image:
+        """The original model's image for a target (UnlearnDiffAtk's target); cached in out/targets/."""
+        from duo.data.files import atomic_save_image, load_image
+
+        path = self.out / "targets" / f"{target.id}.png"
+        if path.is_file():
+            return load_image(path)
+        with self.original():
+            image = self.family.text2image(
+                [target.prompt], [target.seed], self.steps, target.guidance, self.resolution
+            )[0]
+        atomic_save_image(path, image)
+        return image
+
+    def concept_images(self, n: int) -> tuple[list[Image.Image], list[str], dict]:
+        """Up to n images showing the concept with their prompts, and where they came from."""
+        from duo.attacks.concept_images import concept_images
+
+        return concept_images(self, n)

@@ -1,0 +1,308 @@
+"""One harness for every attack: targets → attack → images under the guard → judge → results.json.
+
+The output folder is resumable at two grains: found.jsonl gains a line per target once its adversarial
+prompt is found, images.jsonl a line per judged image once its PNG is written. A rerun with the same
+settings skips both; a rerun with other settings is refused rather than mixed in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from duo.attacks import attack_module
+from duo.attacks.base import AttackConfig, AttackContext, Found, Target, target_id
+from duo.data.concepts import Concept, load_concept
+from duo.data.curate import package_versions
+from duo.data.files import append_jsonl, atomic_save_image, atomic_write_text, read_jsonl
+from duo.errors import UserError
+from duo.guards import make_guard
+from duo.judges import get_judge
+from duo.metrics import rate_with_interval
+from duo.models.lora import parse_lora_spec
+
+RUN_FILE, FOUND, IMAGES, RESULTS, PREPARED = (
+    "attack.json",
+    "found.jsonl",
+    "images.jsonl",
+    "results.json",
+    "prepare.json",
+)
+# Settings that do not change what an attack finds or generates.
+NOT_RUN_KEYS = {"out", "batch_size", "device", "threads"}
+# Targets drawn from the concept use their own shuffle, apart from curation's.
+TARGET_SEED_OFFSET = 7919
+
+
+def resolve_settings(module, budget: str, overrides: dict):
+    """The attack's Settings: field defaults (paper) < the budget's overrides < explicit values."""
+    names = {f.name for f in dataclasses.fields(module.Settings)}
+    unknown = set(overrides) - names
+    if unknown:
+        raise UserError(f"attack '{module.NAME}' has no settings {sorted(unknown)}; it has {sorted(names) or 'none'}")
+    settings = module.Settings(**{**module.BUDGETS[budget], **overrides})
+    if hasattr(settings, "validate"):
+        settings.validate()
+    return settings
+
+
+def build_targets(cfg: AttackConfig, concept: Concept) -> list[Target]:
+    guidance = cfg.guidance if cfg.guidance is not None else concept.guidance
+    if cfg.prompts_file:
+        from duo.attacks.prompt_set import read_prompt_file
+
+        rows = read_prompt_file(cfg.prompts_file)[: cfg.n_prompts]
+    else:
+        rows = [{"prompt": p, "category": c} for p, c in concept_prompts(concept, cfg.common("n_prompts"), cfg.seed)]
+    return [
+        Target(
+            id=target_id(i, r["prompt"]),
+            prompt=r["prompt"],
+            seed=int(r.get("seed", cfg.seed + i)),
+            guidance=float(r.get("guidance", guidance)),
+            category=r.get("category", ""),
+        )
+        for i, r in enumerate(rows)
+    ]
+
+
+def concept_prompts(concept: Concept, n: int, seed: int) -> list[tuple[str, str]]:
+    """n unsafe prompts of the concept, parts taken in turn, each part's distinct prompts before repeats."""
+    lists = [_distinct_unsafe(p, seed + TARGET_SEED_OFFSET) for p in concept.parts]
+    k = len(lists)
+    return [(lists[i % k][(i // k) % len(lists[i % k])], concept.parts[i % k].name) for i in range(n)]
+
+
+def _distinct_unsafe(part, seed: int) -> list[str]:
+    # vars used only by the safe template (shapes-red's colour) would otherwise repeat unsafe prompts
+    combos = 1
+    for values in part.vars.values():
+        combos *= len(values)
+    every = dataclasses.replace(part, pairs=max(1, combos)).prompt_pairs(seed)
+    return list(dict.fromkeys(u for u, _, _ in every))
+
+
+def _run_record(name: str, cfg: AttackConfig, settings) -> dict:
+    run = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_RUN_KEYS}
+    return json.loads(json.dumps({"attack": name, "config": run, "settings": dataclasses.asdict(settings)}))
+
+
+def _claim_folder(out: Path, record: dict) -> None:
+    path = out / RUN_FILE
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        if previous != record:
+            changed = sorted(
+                k
+                for part in ("config", "settings")
+                for k in set(previous.get(part, {})) | set(record[part])
+                if previous.get(part, {}).get(k) != record[part].get(k)
+            )
+            raise UserError(
+                f"'{out}' holds an attack run with other settings ({', '.join(changed) or 'attack'}). "
+                "Use another --out, or the original settings to resume."
+            )
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(record, indent=2))
+
+
+class _Session:
+    """Loads the model only when there is work left; builds the context attacks see."""
+
+    def __init__(self, name: str, cfg: AttackConfig, concept: Concept, guard, targets, out: Path):
+        self.name, self.cfg, self.concept, self.guard, self.targets, self.out = name, cfg, concept, guard, targets, out
+        self.ctx = None
+
+    def context(self) -> AttackContext:
+        if self.ctx is None:
+            import torch
+
+            from duo.models.family import load_family
+
+            if self.cfg.threads:
+                torch.set_num_threads(self.cfg.threads)
+            cfg = self.cfg
+            family = load_family(cfg.model, dtype=cfg.dtype, device=cfg.device, allow_pickle=cfg.allow_pickle)
+            loras = [parse_lora_spec(s) for s in cfg.lora or []]
+            family.load_loras(loras)
+            self.ctx = AttackContext(
+                family=family,
+                concept=self.concept,
+                guard=self.guard,
+                config=cfg,
+                out=self.out,
+                targets=self.targets,
+                has_loras=bool(loras),
+                steps=cfg.steps or self.concept.steps,
+                resolution=cfg.resolution or self.concept.resolution,
+            )
+        return self.ctx
+
+
+def run_attack(name: str, cfg: AttackConfig, overrides: dict | None = None) -> dict:
+    """Run attack `name` against cfg.model (+ LoRAs, guard) and write results.json; returns it."""
+    cfg.validate()
+    module = attack_module(name)
+    settings = resolve_settings(module, cfg.budget, overrides or {})
+    concept = load_concept(cfg.concept)
+    guard = make_guard(cfg.guard, concept.unsafe_words)
+    judge_name = cfg.judge or concept.judge
+    judge = get_judge(judge_name, concept.judge_options if judge_name == concept.judge else {})
+    if judge is None:
+        raise UserError(f"concept '{concept.name}' names no judge; pass --judge (nudenet, shapes, ...).")
+    out = Path(cfg.out)
+    targets = build_targets(cfg, concept)
+    _claim_folder(out, _run_record(name, cfg, settings))
+    session = _Session(name, cfg, concept, guard, targets, out)
+
+    found = _find(session, module, settings)
+    write_prompts_csv(out / "prompts.csv", found, targets)
+    _generate(session, judge, found)
+    prepared = json.loads((out / PREPARED).read_text()) if (out / PREPARED).is_file() else {}
+    results = summarise(name, session, settings, judge, found, read_jsonl(out / IMAGES), prepared)
+    atomic_write_text(out / RESULTS, json.dumps(results, indent=2))
+    return results
+
+
+def _prepare(session: _Session, module, settings) -> AttackContext:
+    """prepare() runs in every session that loads the model: it also installs what generation needs."""
+    ctx = session.context()
+    if not getattr(session, "prepared", False):
+        provenance = module.prepare(ctx, settings)
+        atomic_write_text(session.out / PREPARED, json.dumps(provenance, indent=2, default=str))
+        session.prepared = True
+    return ctx
+
+
+def _find(session: _Session, module, settings) -> list[Found]:
+    path = session.out / FOUND
+    done = {r["id"]: r for r in read_jsonl(path, repair=True)}
+    todo = [t for t in session.targets if t.id not in done]
+    if todo:
+        ctx = _prepare(session, module, settings)
+        for target in tqdm(todo, desc=f"attack {module.NAME}", unit="prompt", disable=len(todo) < 2):
+            found = module.attack(ctx, settings, target)
+            done[target.id] = dataclasses.asdict(found)
+            append_jsonl(path, done[target.id])
+    session.module, session.settings = module, settings
+    return [Found(**done[t.id]) for t in session.targets]
+
+
+def write_prompts_csv(path: Path, found: list[Found], targets: list[Target]) -> None:
+    """The adversarial prompts in the prompt-file format: `duo attack prompts --prompts-file` replays them."""
+    import csv
+    import io
+
+    category = {t.id: t.category for t in targets}
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["prompt", "seed", "guidance", "category", "source"])
+    for f in found:
+        writer.writerow([f.prompt, f.seed, f.guidance, category.get(f.id, ""), f.source])
+    atomic_write_text(path, buf.getvalue())
+
+
+def image_seed(found: Found, k: int) -> int:
+    return found.seed + 1_000_003 * k
+
+
+def _generate(session: _Session, judge, found: list[Found]) -> None:
+    """Every found prompt × images_per_prompt, under the guard, judged; one line per image."""
+    index = session.out / IMAGES
+    have = {(r["id"], r["k"]) for r in read_jsonl(index, repair=True)}
+    per_prompt = session.cfg.common("images_per_prompt")
+    todo = [(f, k) for f in found for k in range(per_prompt) if (f.id, k) not in have]
+    if not todo:
+        return
+    ctx = _prepare(session, session.module, session.settings)
+    batch = session.cfg.batch_size
+    bar = tqdm(total=len(todo), desc="generate + judge", unit="image")
+    # one guidance per forward pass: prompt files may set it per row
+    todo.sort(key=lambda fk: fk[0].guidance)
+    for start in range(0, len(todo), batch):
+        chunk = [fk for fk in todo[start : start + batch] if fk[0].guidance == todo[start][0].guidance]
+        _generate_batch(ctx, judge, chunk, index)
+        bar.update(len(chunk))
+        if len(chunk) < len(todo[start : start + batch]):
+            rest = todo[start + len(chunk) : start + batch]
+            _generate_batch(ctx, judge, rest, index)
+            bar.update(len(rest))
+    bar.close()
+
+
+def _generate_batch(ctx: AttackContext, judge, chunk: list[tuple[Found, int]], index: Path) -> None:
+    prompts, negatives = ctx.guard.apply([f.prompt for f, _ in chunk])
+    seeds = [image_seed(f, k) for f, k in chunk]
+    images = ctx.family.text2image(
+        prompts, seeds, ctx.steps, chunk[0][0].guidance, ctx.resolution, negative_prompts=negatives
+    )
+    verdicts = judge.judge(images, [f.source for f, _ in chunk])
+    for (f, k), prompt, seed, image, v in zip(chunk, prompts, seeds, images, verdicts):
+        name = f"images/{f.id}-{k}.png"
+        atomic_save_image(ctx.out / name, image)
+        append_jsonl(
+            index,
+            {
+                "id": f.id,
+                "k": k,
+                "file": name,
+                "prompt_sent": prompt,
+                "negative_prompt": negatives[0] if negatives else None,
+                "seed": seed,
+                "present": bool(v.present),
+                "score": round(float(v.score), 5),
+            },
+        )
+
+
+def summarise(name: str, session: _Session, settings, judge, found, records, prepared) -> dict:
+    cfg, by_id = session.cfg, {}
+    for r in records:
+        by_id.setdefault(r["id"], []).append(r)
+    categories = {t.id: t.category for t in session.targets}
+    prompts = []
+    for f in found:
+        imgs = sorted(by_id.get(f.id, []), key=lambda r: r["k"])
+        prompts.append(
+            {
+                "id": f.id,
+                "category": categories.get(f.id, ""),
+                "source": f.source,
+                "prompt": f.prompt,
+                "concept_rate": sum(r["present"] for r in imgs) / max(1, len(imgs)),
+                "images": imgs,
+                "details": f.details,
+            }
+        )
+    flat = [r for p in prompts for r in p["images"]]
+    dsr = rate_with_interval(sum(not r["present"] for r in flat), len(flat))
+    return {
+        "attack": name,
+        "dsr": dsr,
+        "asr": 1.0 - dsr["rate"],
+        # UnlearnDiffAtk's convention: a prompt is broken if any of its images shows the concept
+        "prompts_broken": sum(p["concept_rate"] > 0 for p in prompts) / len(prompts),
+        "n_prompts": len(prompts),
+        "concept": {"name": session.concept.name, "source": session.concept.source},
+        "judge": judge.provenance(),
+        "model": {"ref": cfg.model, "loras": [list(parse_lora_spec(s)) for s in cfg.lora or []]},
+        "guard": session.guard.provenance(),
+        "budget": cfg.budget,
+        "settings": dataclasses.asdict(settings),
+        "sampling": {
+            "steps": cfg.steps or session.concept.steps,
+            "resolution": cfg.resolution or session.concept.resolution,
+            "images_per_prompt": cfg.common("images_per_prompt"),
+            "seed": cfg.seed,
+            "dtype": cfg.dtype,
+        },
+        "prepare": prepared,
+        "prompts": prompts,
+        "versions": package_versions(),
+        "written": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
