@@ -29,10 +29,19 @@ def assert_user_error(result, *words):
         assert w in result.stderr, result.stderr
 
 
-@pytest.mark.parametrize("command", ["curate", "train", "sample"])
+@pytest.mark.parametrize("command", ["curate", "train", "sample", "attack ring-a-bell"])
 def test_help(command):
-    result = duo(command, "--help")
+    result = duo(*command.split(), "--help")
     assert result.returncode == 0 and "--model" in result.stdout
+
+
+def test_list_defaults_reach_the_configs_when_flags_are_omitted():
+    from duo.cli.main import build_parser
+    from duo.demo import DEMO_ATTACKS
+
+    parser = build_parser()
+    assert parser.parse_args(["demo"]).attacks == list(DEMO_ATTACKS)
+    assert parser.parse_args(["sample", "--model", "m", "--out", "o", "--prompt", "p"]).seeds == [0]
 
 
 def test_missing_model(concept_file, tmp_path):

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import importlib
 
+from duo.attacks.base import AttackConfig
 from duo.errors import UserError
+
+__all__ = ["ATTACKS", "AttackConfig", "attack_module", "run_attack"]
 
 ATTACKS = {
     "prompts": "duo.attacks.prompt_set",

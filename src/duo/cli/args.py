@@ -34,6 +34,8 @@ def add_dataclass_flags(
         tp, is_list = _base_type(hints[f.name])
         help_text = f.metadata.get("help", "")
         default = f.default if f.default is not MISSING else None
+        if f.default_factory is not MISSING:
+            default = f.default_factory()
         kwargs: dict = {"help": help_text}
         kwargs["default"] = argparse.SUPPRESS if suppress_defaults else default
         if default is not None and help_text:
