@@ -115,3 +115,34 @@ def build_tiny_pipeline(folder: str | Path, seed: int = 0, prediction_type: str 
     """Build, save and return a random tiny SD 1.x pipeline folder (64 px images, 8×8 latents)."""
     build_random_pipeline(folder, TINY_UNET, TINY_VAE, TINY_TEXT, seed=seed, prediction_type=prediction_type)
     return Path(folder)
+
+
+def build_tiny_clip(folder: str | Path, seed: int = 0) -> Path:
+    """A random tiny CLIPModel + CLIPTokenizer + image processor saved as a hub-style folder (32-px images).
+
+    Stands in for a user-supplied CLIP checkpoint in tests of the CLIP judge, CLIP score and CLIP features.
+    """
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    write_tokenizer(folder / "_tok")
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "_tok", model_max_length=77)
+    config = CLIPConfig(
+        text_config={
+            **TINY_TEXT,
+            "vocab_size": len(tokenizer),
+            "bos_token_id": 0,
+            "eos_token_id": 1,
+            "pad_token_id": 1,
+        },
+        vision_config={**TINY_TEXT, "image_size": 32, "patch_size": 8},
+        projection_dim=16,
+    )
+    CLIPModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    for f in (folder / "_tok").iterdir():
+        f.unlink()
+    (folder / "_tok").rmdir()
+    return folder
