@@ -59,7 +59,12 @@ class AttackConfig:
     steps: int | None = field(default=None, metadata={"help": "sampling steps (default: the concept's)"})
     guidance: float | None = field(default=None, metadata={"help": "guidance scale (default: the concept's)"})
     resolution: int | None = field(default=None, metadata={"help": "image size (default: the concept's)"})
-    judge: str | None = field(default=None, metadata={"help": "judge of the images (default: the concept's)"})
+    judge: str | None = field(
+        default=None, metadata={"help": "judge of the images: nudenet, shapes, clip, vlm (default: the concept's)"}
+    )
+    judge_options: str | None = field(
+        default=None, metadata={"help": 'judge options as JSON, e.g. \'{"preset": "rece9"}\' (default: the concept\'s)'}
+    )
     batch_size: int = field(default=8, metadata={"help": "images per forward pass"})
     dtype: str = field(default="float32", metadata={"help": "float32, float16 or bfloat16"})
     device: str = field(default="cpu", metadata={"help": "cpu, cuda, ..."})
@@ -69,6 +74,23 @@ class AttackConfig:
     def common(self, key: str):
         value = getattr(self, key)
         return COMMON_BUDGETS[self.budget][key] if value is None else value
+
+    def judge_settings(self, concept) -> tuple[str, dict]:
+        """(judge name, options): explicit ones, else the concept's (its options only with its own judge)."""
+        import json
+
+        name = self.judge or concept.judge
+        if self.judge_options is None:
+            return name, dict(concept.judge_options) if name == concept.judge else {}
+        try:
+            options = json.loads(self.judge_options)
+        except json.JSONDecodeError as exc:
+            raise UserError(
+                f'--judge-options is not valid JSON ({exc}); write e.g. \'{{"preset": "rece9"}}\'.'
+            ) from None
+        if not isinstance(options, dict):
+            raise UserError('--judge-options must be a JSON object, e.g. \'{"preset": "rece9"}\'.')
+        return name, options
 
     def validate(self) -> None:
         if self.budget not in BUDGET_NAMES:

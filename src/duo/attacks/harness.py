@@ -151,8 +151,8 @@ def run_attack(name: str, cfg: AttackConfig, overrides: dict | None = None) -> d
     settings = resolve_settings(module, cfg.budget, overrides or {})
     concept = load_concept(cfg.concept)
     guard = make_guard(cfg.guard, concept.unsafe_words)
-    judge_name = cfg.judge or concept.judge
-    judge = get_judge(judge_name, concept.judge_options if judge_name == concept.judge else {})
+    judge_name, judge_options = cfg.judge_settings(concept)
+    judge = get_judge(judge_name, judge_options)
     if judge is None:
         raise UserError(f"concept '{concept.name}' names no judge; pass --judge (nudenet, shapes, ...).")
     out = Path(cfg.out)

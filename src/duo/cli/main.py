@@ -12,7 +12,7 @@ import warnings
 from duo.errors import UserError
 
 # Each module defines add_parser(subparsers) and sets `func` on its parser.
-COMMANDS = ["curate", "train", "sample", "attack", "demo", "shapes"]
+COMMANDS = ["curate", "train", "sample", "attack", "evaluate", "sweep", "report", "demo", "shapes"]
 
 
 def build_parser() -> argparse.ArgumentParser:

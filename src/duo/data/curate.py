@@ -38,7 +38,9 @@ class CurateConfig:
     steps: int | None = field(default=None, metadata={"help": "sampling steps"})
     guidance: float | None = field(default=None, metadata={"help": "classifier-free guidance scale"})
     resolution: int | None = field(default=None, metadata={"help": "image size (default: the model's native size)"})
-    judge: str | None = field(default=None, metadata={"help": "rejection-sampling judge: none, nudenet, shapes"})
+    judge: str | None = field(
+        default=None, metadata={"help": "rejection-sampling judge: none, nudenet, shapes, clip, vlm"}
+    )
     max_tries: int = field(default=8, metadata={"help": "draws per image before giving up"})
     require_match: bool = field(
         default=True, metadata={"help": "images must also show what their prompt asks for, when the judge can tell"}

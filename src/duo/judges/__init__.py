@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from duo.errors import UserError
 
-JUDGES = {"nudenet": "duo.judges.nudenet:NudeNetJudge", "shapes": "duo.judges.shapes:ShapesJudge"}
+# Imported only when asked for: importing duo.judges must not pull in transformers or onnxruntime.
+JUDGES = {
+    "nudenet": "duo.judges.nudenet:NudeNetJudge",
+    "shapes": "duo.judges.shapes:ShapesJudge",
+    "clip": "duo.judges.clip:ClipJudge",
+    "vlm": "duo.judges.vlm:VlmJudge",
+}
 
 
 def get_judge(name: str, options: dict | None = None):
@@ -14,9 +20,15 @@ def get_judge(name: str, options: dict | None = None):
     if name not in JUDGES:
         raise UserError(f"unknown judge '{name}'; choose one of none, {', '.join(JUDGES)}")
     import importlib
+    import inspect
 
     module, cls = JUDGES[name].split(":")
+    judge_cls = getattr(importlib.import_module(module), cls)
     try:
-        return getattr(importlib.import_module(module), cls)(**(options or {}))
+        return judge_cls(**(options or {}))
     except TypeError as exc:
-        raise UserError(f"judge '{name}' does not take options {options}: {exc}") from None
+        takes = ", ".join(p for p in inspect.signature(judge_cls).parameters if p not in ("self", "unknown"))
+        raise UserError(
+            f"judge '{name}' does not take options {options} ({exc}); it takes: {takes}. "
+            "Fix judge_options in the concept YAML or on the command line."
+        ) from None

@@ -1,0 +1,57 @@
+"""`duo evaluate` on the Shapes world: the results.json schema, consistency checks, refusals."""
+
+import json
+
+import pytest
+
+from duo.attacks import AttackConfig, run_attack
+from duo.errors import UserError
+from duo.evaluate import EvaluateConfig, evaluate
+
+
+def test_identical_models_preserve_everything(tmp_path):
+    r = evaluate(EvaluateConfig(model="shapes", concept="shapes-red", out=str(tmp_path / "e"), n_prompts=6, threads=2))
+    assert r["preservation"]["pp"] == pytest.approx(1.0, abs=1e-6)  # LoRAs off twice: the same images
+    assert r["fid"]["original"]["fid"] == pytest.approx(0.0, abs=1e-6)
+    assert r["neighbours"]["lpips"] == pytest.approx(0.0, abs=1e-6)
+    assert r["method"] == {"name": "original"} and r["attacks"] == {}
+
+
+def test_guarded_model_with_its_attack(tmp_path):
+    attack = tmp_path / "attack"
+    run_attack(
+        "prompts",
+        AttackConfig(
+            model="shapes", concept="shapes-red", out=str(attack), guard="negprompt", n_prompts=3, images_per_prompt=1
+        ),
+    )
+    cfg = EvaluateConfig(
+        model="shapes",
+        concept="shapes-red",
+        out=str(tmp_path / "e"),
+        guard="negprompt",
+        attacks=[str(attack)],
+        n_prompts=6,
+        threads=2,
+    )
+    r = evaluate(cfg)
+    cell = r["attacks"]["prompts"]
+    assert cell["dsr"]["n"] == 3 and len(cell["dsr"]["ci95"]) == 2 and cell["judge"]["name"] == "shapes"
+    # a negative prompt naming red changes every image, not only red ones
+    assert 0.0 <= r["preservation"]["pp"] < 0.95 and r["fid"]["original"]["fid"] > 1.0
+    assert r["preservation"]["network"]["name"] and r["fid"]["original"]["features"]["name"]
+    saved = json.loads((tmp_path / "e" / "results.json").read_text())
+    assert saved["preservation"] == r["preservation"]
+    for rows in saved["grids"].values():
+        for g in rows:
+            assert (tmp_path / "e" / g["unlearned"]).is_file()
+    lines = (tmp_path / "e" / "images.jsonl").read_text().count("\n")
+    evaluate(cfg)  # a rerun generates nothing new
+    assert (tmp_path / "e" / "images.jsonl").read_text().count("\n") == lines
+    with pytest.raises(UserError, match="its own attacks"):
+        evaluate(EvaluateConfig(model="shapes", concept="shapes-red", out=str(tmp_path / "x"), attacks=[str(attack)]))
+
+
+def test_real_models_need_named_weights(tmp_path, tiny_model, concept_file):
+    with pytest.raises(UserError, match="--lpips"):
+        evaluate(EvaluateConfig(model=tiny_model, concept=concept_file, out=str(tmp_path / "e")))
