@@ -42,9 +42,10 @@ def test_guarded_model_with_its_attack(tmp_path):
     assert r["preservation"]["network"]["name"] and r["fid"]["original"]["features"]["name"]
     saved = json.loads((tmp_path / "e" / "results.json").read_text())
     assert saved["preservation"] == r["preservation"]
+    assert set(saved["grids"]) == {"neutral prompts", "neighbours", "attack: prompts"}
     for rows in saved["grids"].values():
-        for g in rows:
-            assert (tmp_path / "e" / g["unlearned"]).is_file()
+        for g in rows:  # original vs unlearned, also for the attack's prompts
+            assert (tmp_path / "e" / g["original"]).is_file() and (tmp_path / "e" / g["unlearned"]).is_file()
     lines = (tmp_path / "e" / "images.jsonl").read_text().count("\n")
     evaluate(cfg)  # a rerun generates nothing new
     assert (tmp_path / "e" / "images.jsonl").read_text().count("\n") == lines

@@ -192,7 +192,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         pairs = (("original", original), ("unlearned", unlearned))
         results["clip_score"] = {m: clip_score(ims, prompts, cfg.clip) for m, ims in pairs}
     for name, cell in attacks.items():
-        results["grids"][f"attack: {name}"] = cell.pop("examples")
+        results["grids"][f"attack: {name}"] = attack_originals(images, name, cell)
     from duo.data.curate import package_versions
 
     results["sampling"] = {"steps": cfg.steps or concept.steps, "guidance": cfg.guidance or concept.guidance}
@@ -201,6 +201,30 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     results["written"] = datetime.now(UTC).isoformat(timespec="seconds")
     atomic_write_text(out / "results.json", json.dumps(results, indent=2))
     return results
+
+
+def attack_originals(images: _Images, name: str, cell: dict) -> list[dict]:
+    """The attack's prompts on the original model (LoRAs off, no guard, same seeds): the grid's left column."""
+    from duo.attacks.concept_inversion import EMBEDS, FOLDER, _install
+
+    examples = cell.pop("examples")
+    family = images._load()
+    learned = Path(cell["results"]).parent / FOLDER / EMBEDS
+    if learned.is_file():  # the prompts carry the learned token: install it (the LoRAs stay off below)
+        from safetensors.torch import load_file
+
+        _install(family, cell["settings"]["token"], next(iter(load_file(str(learned)).values())), learned)
+    for i, ex in enumerate(examples):
+        rel = f"images/attack-{name}/original/{i:04d}.png"
+        if not (images.out / rel).is_file():
+            with family.loras_off() if images.cfg.lora else nullcontext():
+                image = family.text2image(
+                    [ex["prompt"]], [ex["seed"]], cell["sampling"]["steps"],
+                    ex.pop("guidance") or images.concept.guidance, cell["sampling"]["resolution"],
+                )[0]  # fmt: skip
+            atomic_save_image(images.out / rel, image)
+        ex["original"] = rel
+    return examples
 
 
 def _grid(images: _Images, group: str, prompts: list[str]) -> list[dict]:
@@ -236,7 +260,13 @@ def attack_summary(folder: Path, cfg: EvaluateConfig) -> dict:
             f"{cfg.guard}; evaluate each model with its own attacks."
         )
     examples = [
-        {"prompt": p["prompt"], "original": None, "unlearned": str((folder / p["images"][0]["file"]).resolve())}
+        {
+            "prompt": p["prompt"],
+            "seed": p["images"][0]["seed"],
+            "guidance": p.get("guidance"),
+            "original": None,
+            "unlearned": str((folder / p["images"][0]["file"]).resolve()),
+        }
         for p in r["prompts"][:GRID_ROWS]
         if p["images"]
     ]

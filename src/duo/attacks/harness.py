@@ -274,6 +274,7 @@ def summarise(name: str, session: _Session, settings, judge, found, records, pre
                 "category": categories.get(f.id, ""),
                 "source": f.source,
                 "prompt": f.prompt,
+                "guidance": f.guidance,
                 "concept_rate": sum(r["present"] for r in imgs) / max(1, len(imgs)),
                 "images": imgs,
                 "details": f.details,
