@@ -136,6 +136,14 @@ def test_fuse_writes_a_pipeline_equal_to_the_lora(tiny_model, pairs_dir, tmp_pat
     np.testing.assert_allclose(fused.images, loaded.images, atol=1e-4)
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_two_processes_match_one(tiny_model, pairs_dir, tmp_path):
     """DDP (gloo on CPU): 2 processes × 2 pairs follow the 1 process × 4 pairs loss curve."""
     accelerate = Path(sys.executable).parent / "accelerate"
@@ -152,6 +160,8 @@ def test_two_processes_match_one(tiny_model, pairs_dir, tmp_path):
         "no",
         "--dynamo_backend",
         "no",
+        "--main_process_port",
+        str(free_port()),  # the default 29500 may be held by another job on a shared machine
         "-m",
         "duo",
         "train",
@@ -166,7 +176,7 @@ def test_two_processes_match_one(tiny_model, pairs_dir, tmp_path):
         "--batch-size",
         "2",
     ]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((two / "config.json").read_text())["processes"] == 2
     one = run_train(tiny_model, pairs_dir, tmp_path / "one", steps=4, batch_size=4)
