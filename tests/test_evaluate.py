@@ -15,6 +15,10 @@ def test_identical_models_preserve_everything(tmp_path):
     assert r["fid"]["original"]["fid"] == pytest.approx(0.0, abs=1e-6)
     assert r["neighbours"]["lpips"] == pytest.approx(0.0, abs=1e-6)
     assert r["method"] == {"name": "original"} and r["attacks"] == {}
+    assert (
+        r["alignment"]["original"] == r["alignment"]["unlearned"]
+        and r["alignment"]["original"]["colour_accuracy"] > 0.9
+    )
 
 
 def test_guarded_model_with_its_attack(tmp_path):

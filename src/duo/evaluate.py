@@ -188,6 +188,15 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         results["fid"] = {"original": fid(unlearned, original, backend)}
         if cfg.reference:
             results["fid"]["reference"] = fid(unlearned, _folder_images(Path(cfg.reference)), backend)
+    if _shapes_world(cfg, concept):
+        from duo.shapes.evaluation import attribute_accuracy
+
+        results["alignment"] = {
+            "original": attribute_accuracy(original, prompts),
+            "unlearned": attribute_accuracy(unlearned, prompts),
+            "definition": "share of images whose colour / shape the Shapes judge reads as the prompt asks "
+            "(the Shapes world's stand-in for CLIP score)",
+        }
     if cfg.clip:
         pairs = (("original", original), ("unlearned", unlearned))
         results["clip_score"] = {m: clip_score(ims, prompts, cfg.clip) for m, ims in pairs}

@@ -28,7 +28,8 @@ def dsr_pp_figure(runs: list[dict], attacks: list[str]) -> bytes:
             method = run.get("method", {}).get("name", "?")
             marker = markers.setdefault(method, "osD^vP*X"[len(markers) % 8])
             rate, (lo, hi) = cell["dsr"]["rate"], cell["dsr"]["ci95"]
-            ax.errorbar(pp, rate, yerr=[[rate - lo], [hi - rate]], fmt=marker, capsize=3, label=method)
+            colour = f"C{list(markers).index(method)}"  # one colour and marker per method, β points labelled
+            ax.errorbar(pp, rate, yerr=[[rate - lo], [hi - rate]], fmt=marker, color=colour, capsize=3, label=method)
             label = str(run.get("label", ""))
             ax.annotate(
                 label if len(label) <= 24 else label[:23] + "…",
