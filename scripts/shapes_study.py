@@ -220,7 +220,7 @@ def run_one(name: str, seed: int, root: Path, n_eval: int) -> dict:
     concept = load_concept("shapes-red")
     family = load_family("shapes")
     family.load_loras([(str(lora), 1.0)])
-    results, _ = measure(family, concept, get_judge(concept.judge, concept.judge_options), n_eval)
+    results = measure(family, concept, get_judge(concept.judge, concept.judge_options), n_eval)
     a, o = results["attacks"]["prompts"], results["other_colours"]
     return {
         "config": name,

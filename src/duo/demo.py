@@ -95,7 +95,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         from duo.shapes.demo import evaluate_shapes
 
         red = red_team(model, str(lora), concept, names, cfg.seed, out)
-        results = evaluate_shapes(model, str(lora), concept, cfg.eval_images, out, red_teaming=red)
+        results = evaluate_shapes(model, str(lora), concept, cfg.eval_images, red_teaming=red)
+        results["evaluation"] = evaluate_and_report(model, str(lora), concept, names, cfg.seed, out)
     else:
         results = _evaluate_tiny(model, str(lora), cfg.eval_images)
     results.update(world=world, demo=asdict(cfg), seconds=round(time.perf_counter() - started, 1))
@@ -129,6 +130,24 @@ def red_team(model: str, lora: str, concept: str, names: list[str], seed: int, o
             r = run_attack(name, cfg)
             table[name][label] = {**r["dsr"], "prompts_broken": r["prompts_broken"], "results": str(folder)}
     return table
+
+
+def evaluate_and_report(model: str, lora: str, concept: str, names: list[str], seed: int, out: Path) -> dict:
+    """`duo evaluate` on the original and the DUO model with their attack folders, then `duo report`."""
+    from duo.evaluate import EvaluateConfig, evaluate
+    from duo.report import build_report
+
+    summary, folders = {}, []
+    for label, loras in (("original", None), ("duo", [lora])):
+        folder = out / "eval" / label
+        attacks = [str(out / "attacks" / label / name) for name in names]
+        r = evaluate(
+            EvaluateConfig(model=model, concept=concept, out=str(folder), lora=loras, attacks=attacks, seed=seed)
+        )
+        summary[label] = {"pp": r["preservation"]["pp"], "fid": r["fid"]["original"]["fid"], "results": str(folder)}
+        folders.append(str(folder))
+    build_report(folders, str(out / "report.html"), title=f"duo demo: {concept}")
+    return summary
 
 
 def _tiny_world(out: Path) -> tuple[str, str]:

@@ -39,10 +39,14 @@ def format_table(r: dict) -> str:
     rows += [(f"  DSR, {word!r}", v["original"], v["duo"]) for word, v in a["per_word"].items()]
     for key, label in (("colour_accuracy", "colour"), ("shape_accuracy", "shape")):
         rows.append((f"{label} accuracy, other colours", o["original"][key], o["duo"][key]))
-    rows.append(("preservation PP", 1.0, r["preservation"]["pp"]))
+    rows.append(("preservation PP (judge-feature cosine)", 1.0, r["preservation"]["pp"]))
+    if "evaluation" in r:
+        e = r["evaluation"]
+        rows.append(("PP, 1 − LPIPS-style (duo evaluate)", e["original"]["pp"], e["duo"]["pp"]))
+        rows.append(("FID vs original (judge features)", e["original"]["fid"], e["duo"]["fid"]))
     for name, cell in r.get("red_teaming", {}).items():
         rows.append((f"DSR under {name} (n={cell['duo']['n']})", cell["original"]["rate"], cell["duo"]["rate"]))
-    lines = [f"{'':34}{'original':>10}{'DUO':>10}"]
-    lines += [f"{name:34}{x:>10.3f}{y:>10.3f}" for name, x, y in rows]
+    lines = [f"{'':40}{'original':>10}{'DUO':>10}"]
+    lines += [f"{name:40}{x:>10.3f}{y:>10.3f}" for name, x, y in rows]
     lines.append(f"whole loop: {r['seconds']} s")
     return "\n".join(lines)
