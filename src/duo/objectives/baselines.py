@@ -1,0 +1,45 @@
+"""The baselines' objectives as pure tensor functions (the comparison issue plugs them into the one loop).
+
+ESD (Gandikota et al., ICCV 2023), negative guidance:
+    target = ε_ref(x_t, t, c∅) − η · [ε_ref(x_t, t, c) − ε_ref(x_t, t, c∅)]
+    L_ESD  = ‖ε_θ(x_t, t, c) − target‖²
+The target is made with the frozen model, so it carries no gradient.
+
+UCE (Gandikota et al., WACV 2024), closed form for one projection W (d_out × d_in), with the text
+embeddings c_i of the concepts to erase, g_i of their guides and p_j of the concepts to keep:
+    W' = (Σ_i W g_i c_iᵀ + Σ_j W p_j p_jᵀ + λ W) · (Σ_i c_i c_iᵀ + Σ_j p_j p_jᵀ + λ I)⁻¹
+so that W' c_i ≈ W g_i (the concept now reads as its guide) and W' p_j ≈ W p_j (the kept ones stay).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from duo.objectives.duo_loss import per_sample_mse
+
+
+def esd_target(eps_concept: torch.Tensor, eps_uncond: torch.Tensor, eta: float) -> torch.Tensor:
+    """Where ESD moves the concept-conditioned prediction: away from the concept by η times its direction."""
+    return (eps_uncond - eta * (eps_concept - eps_uncond)).detach()
+
+
+def esd_loss(policy_concept: torch.Tensor, eps_concept: torch.Tensor, eps_uncond: torch.Tensor, eta: float):
+    """Mean over the batch of ‖ε_θ(x_t, t, c) − target‖²."""
+    return per_sample_mse(policy_concept, esd_target(eps_concept, eps_uncond, eta)).mean()
+
+
+def uce_edit(
+    weight: torch.Tensor,
+    erase: torch.Tensor,
+    guide: torch.Tensor,
+    keep: torch.Tensor | None = None,
+    lam: float = 0.1,
+) -> torch.Tensor:
+    """The edited projection W'; erase/guide are (n, d_in), keep is (m, d_in). Solved in float64."""
+    if erase.shape != guide.shape:
+        raise ValueError(f"erase {tuple(erase.shape)} and guide {tuple(guide.shape)} must pair up row by row")
+    w, c, g = weight.double(), erase.double(), guide.double()
+    p = keep.double() if keep is not None else c.new_zeros((0, c.shape[1]))
+    left = (w @ g.T) @ c + (w @ p.T) @ p + lam * w
+    right = c.T @ c + p.T @ p + lam * torch.eye(c.shape[1], dtype=torch.float64)
+    return torch.linalg.solve(right, left.T).T.to(weight.dtype)  # right is symmetric: W' = left · right⁻¹
