@@ -103,15 +103,11 @@ class _Images:
 
     def _load(self):
         if self.family is None:
-            import torch
-
             from duo.guards import make_guard
-            from duo.models.family import load_family
+            from duo.models.family import load_with_loras
 
-            if self.cfg.threads:
-                torch.set_num_threads(self.cfg.threads)
-            self.family = load_family(self.cfg.model, dtype=self.cfg.dtype, device=self.cfg.device)
-            self.family.load_loras([parse_lora_spec(s) for s in self.cfg.lora or []])
+            c = self.cfg
+            self.family = load_with_loras(c.model, c.lora, c.dtype, c.device, threads=c.threads)
             self.guard = make_guard(self.cfg.guard, self.concept.unsafe_words)
         return self.family
 
@@ -214,7 +210,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
 
 def attack_originals(images: _Images, name: str, cell: dict) -> list[dict]:
     """The attack's prompts on the original model (LoRAs off, no guard, same seeds): the grid's left column."""
-    from duo.attacks.concept_inversion import EMBEDS, FOLDER, _install
+    from duo.attacks.concept_inversion import EMBEDS, FOLDER, install_token
 
     examples = cell.pop("examples")
     family = images._load()
@@ -222,7 +218,7 @@ def attack_originals(images: _Images, name: str, cell: dict) -> list[dict]:
     if learned.is_file():  # the prompts carry the learned token: install it (the LoRAs stay off below)
         from safetensors.torch import load_file
 
-        _install(family, cell["settings"]["token"], next(iter(load_file(str(learned)).values())), learned)
+        install_token(family, cell["settings"]["token"], next(iter(load_file(str(learned)).values())), learned)
     for i, ex in enumerate(examples):
         rel = f"images/attack-{name}/original/{i:04d}.png"
         if not (images.out / rel).is_file():

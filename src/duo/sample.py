@@ -59,7 +59,8 @@ def image_name(prompt: str, seed: int) -> str:
 def sample(cfg: SampleConfig) -> list[dict]:
     """Generate every prompt × seed into cfg.out; returns the records of images.jsonl (resumes)."""
     prompts = cfg.prompts()
-    loras = [parse_lora_spec(s) for s in cfg.lora or []]
+    for spec in cfg.lora or []:
+        parse_lora_spec(spec)  # a malformed DIR:W fails here, before any model loads
     out = Path(cfg.out)
     index = out / "images.jsonl"
     settings = json.loads(json.dumps({k: getattr(cfg, k) for k in RUN_KEYS}))
@@ -72,10 +73,9 @@ def sample(cfg: SampleConfig) -> list[dict]:
     done = {(r["prompt"], r["seed"]) for r in records}
     todo = [(p, s) for p in dict.fromkeys(prompts) for s in cfg.seeds if (p, s) not in done]
     if todo:
-        from duo.models.family import load_family
+        from duo.models.family import load_with_loras
 
-        family = load_family(cfg.model, dtype=cfg.dtype, device=cfg.device, allow_pickle=cfg.allow_pickle)
-        family.load_loras(loras)
+        family = load_with_loras(cfg.model, cfg.lora, cfg.dtype, cfg.device, cfg.allow_pickle)
         out.mkdir(parents=True, exist_ok=True)
         for start in tqdm(range(0, len(todo), cfg.batch_size), desc="sample", unit="batch"):
             batch = todo[start : start + cfg.batch_size]

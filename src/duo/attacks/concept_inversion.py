@@ -90,7 +90,7 @@ def prepare(ctx, s: Settings) -> dict:
         ctx.family.save_textual_inversion(tmp, s.token, vectors)
         os.replace(tmp, path)  # its presence means "trained": never a half-written file
         (folder / CHECKPOINT).unlink(missing_ok=True)
-    _install(ctx.family, s.token, vectors, path)
+    install_token(ctx.family, s.token, vectors, path)
     return provenance
 
 
@@ -107,7 +107,7 @@ def _validate(s: Settings) -> None:
             raise UserError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(s, key)}")
 
 
-def _install(family, token: str, vectors: torch.Tensor, path) -> None:
+def install_token(family, token: str, vectors: torch.Tensor, path) -> None:
     """Make the pipeline generate with the token; a second prepare in the same process overwrites the rows."""
     vocab = family.vocabulary()
     names = [token] + [f"{token}_{i}" for i in range(1, len(vectors))]  # diffusers' multi-vector names

@@ -120,16 +120,10 @@ class _Session:
 
     def context(self) -> AttackContext:
         if self.ctx is None:
-            import torch
+            from duo.models.family import load_with_loras
 
-            from duo.models.family import load_family
-
-            if self.cfg.threads:
-                torch.set_num_threads(self.cfg.threads)
             cfg = self.cfg
-            family = load_family(cfg.model, dtype=cfg.dtype, device=cfg.device, allow_pickle=cfg.allow_pickle)
-            loras = [parse_lora_spec(s) for s in cfg.lora or []]
-            family.load_loras(loras)
+            family = load_with_loras(cfg.model, cfg.lora, cfg.dtype, cfg.device, cfg.allow_pickle, cfg.threads)
             self.ctx = AttackContext(
                 family=family,
                 concept=self.concept,
@@ -137,7 +131,7 @@ class _Session:
                 config=cfg,
                 out=self.out,
                 targets=self.targets,
-                has_loras=bool(loras),
+                has_loras=bool(cfg.lora),
                 steps=cfg.steps or self.concept.steps,
                 resolution=cfg.resolution or self.concept.resolution,
             )

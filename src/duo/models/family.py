@@ -25,3 +25,23 @@ def load_family(ref: str, dtype: str = "float32", device: str = "cpu", allow_pic
     module, name = FAMILIES[cls_name].split(":")
     family_cls = getattr(importlib.import_module(module), name)
     return family_cls.load(path, ref=ref, dtype=dtype, device=device, allow_pickle=allow_pickle)
+
+
+def load_with_loras(
+    ref: str,
+    lora_specs: list[str] | None,
+    dtype: str = "float32",
+    device: str = "cpu",
+    allow_pickle: bool = False,
+    threads: int | None = None,
+):
+    """The model a command works on: the family with its `DIR[:W]` LoRAs loaded (and torch's CPU threads set)."""
+    from duo.models.lora import parse_lora_spec
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    family = load_family(ref, dtype=dtype, device=device, allow_pickle=allow_pickle)
+    family.load_loras([parse_lora_spec(s) for s in lora_specs or []])
+    return family
