@@ -4,7 +4,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: demo test test-slow bench lint clean
+.PHONY: demo compare test test-slow bench lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/duo demo
+
+compare: $(STAMP)
+	OMP_NUM_THREADS=1 $(VENV)/bin/duo demo --compare
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q

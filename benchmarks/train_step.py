@@ -5,10 +5,10 @@
 
 Two variants, same objective, same draws, same LoRA init:
 
-* ours      — `duo.train.loop._Run.step`, exactly as `duo train` runs it: the VAE latent distributions
-              and the prompt embeddings are computed once (`build_cache`) and reused every step.
-* baseline  — the structure of the authors' public trainer: a `_Run` whose `micro_loss` first VAE-encodes
-              the micro-batch's images and text-encodes its prompts, then calls the same `micro_loss`.
+* ours      — `duo.train.loop._Run.step` with `DuoMethod`, exactly as `duo train` runs it: the VAE latent
+              distributions and the prompt embeddings are computed once (`build_cache`) and reused every step.
+* baseline  — the structure of the authors' public trainer: a `DuoMethod` whose `micro_loss` first
+              VAE-encodes the micro-batch's images and text-encodes its prompts, then calls the same `micro_loss`.
 
 A random SD 1.x-shaped pipeline (55 M UNet (128,256,256,256), SD-sized VAE, CLIP-L-sized text encoder)
 and 4 random 256 px pairs are built in a temp folder at start; nothing is downloaded.
@@ -154,15 +154,19 @@ def write_pairs(folder: Path, n: int, resolution: int, seed: int = 0) -> None:
 # ---- the two variants (child side) -------------------------------------------------------------------
 
 
-def baseline_run_class():
-    """`_Run` with the public trainer's structure: encode images and prompts inside every micro-step."""
+def baseline_method_class():
+    """`DuoMethod` with the public trainer's structure: encode images and prompts inside every micro-step."""
     import torch
 
-    from duo.train.loop import Cache, _Run
+    from duo.train.methods import Cache, DuoMethod
 
-    class PerStepEncodingRun(_Run):
-        def micro_loss(self, d):
-            fam, pairs, dev, cfg = self.family, self.pairs, self.acc.device, self.cfg
+    class PerStepEncodingMethod(DuoMethod):
+        def __init__(self, cfg, family, pairs, device):
+            super().__init__(cfg, family, pairs, device)
+            self.pairs = pairs
+
+        def micro_loss(self, unet, acc, d):
+            fam, pairs, dev, cfg = self.family, self.pairs, acc.device, self.cfg
             idx = d.pair_index.tolist()
             b = len(idx)
             # VAE: x⁻ and x⁺ of the micro-batch in one call → latent distributions, as build_cache computes them.
@@ -187,11 +191,11 @@ def baseline_run_class():
             local = dataclasses.replace(d, pair_index=torch.arange(b))
             saved, self.cache = self.cache, cache
             try:
-                return super().micro_loss(local)
+                return super().micro_loss(unet, acc, local)
             finally:
                 self.cache = saved
 
-    return PerStepEncodingRun
+    return PerStepEncodingMethod
 
 
 def setup_run(variant: str, pipeline: str, data: str, n_pairs: int, out: str):
@@ -203,7 +207,8 @@ def setup_run(variant: str, pipeline: str, data: str, n_pairs: int, out: str):
     from duo.models.family import load_family
     from duo.models.lora import attach_lora, lora_parameters
     from duo.train.config import TrainConfig
-    from duo.train.loop import _Run, build_cache
+    from duo.train.loop import _Run
+    from duo.train.methods import DuoMethod
 
     cfg = TrainConfig(
         model=pipeline, data=data, out=out, batch_size=n_pairs, grad_accum=1, device="cpu", mixed_precision="no"
@@ -213,15 +218,14 @@ def setup_run(variant: str, pipeline: str, data: str, n_pairs: int, out: str):
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=True)
     family = load_family(cfg.model, dtype="float32", device=str(accelerator.device))
     torch.manual_seed(cfg.seed)
-    attach_lora(family.unet, cfg.rank, cfg.alpha, cfg.targets or family.default_lora_targets)
-    cache = build_cache(family, pairs, cfg, accelerator.device)
+    attach_lora(family.unet, cfg.rank, cfg.alpha, cfg.targets or family.lora_targets(cfg.method))
+    method = (DuoMethod if variant == "ours" else baseline_method_class())(cfg, family, pairs, accelerator.device)
     params = lora_parameters(family.unet)
     optimizer = torch.optim.AdamW(
         params, lr=cfg.resolved_lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay
     )
     unet, optimizer = accelerator.prepare(family.unet, optimizer)
-    run_cls = _Run if variant == "ours" else baseline_run_class()
-    return run_cls(cfg, pairs, family, cache, accelerator, unet, optimizer, params)
+    return _Run(cfg, method, accelerator, unet, optimizer, params)
 
 
 def _status_kb(field: str) -> int:

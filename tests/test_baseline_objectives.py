@@ -28,3 +28,16 @@ def test_uce_maps_the_concept_to_its_guide_and_keeps_the_rest():
     by_hand = torch.tensor([[1.5, 2.0], [3.5, 4.0]])
     assert torch.allclose(uce_edit(w, c, g, lam=1.0), by_hand)
     assert torch.allclose(uce_edit(w, c, c, lam=1.0), w)  # guide = concept: nothing to change
+
+
+def test_uce_scales_weigh_erase_against_preserve():
+    w = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    c, g = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    keep = torch.tensor([[1.0, 0.0]])  # keeping exactly what is erased: the scales decide who wins
+    erased = uce_edit(w, c, g, keep=keep, lam=1e-9, erase_scale=1.0, preserve_scale=1e-6)
+    kept = uce_edit(w, c, g, keep=keep, lam=1e-9, erase_scale=1e-6, preserve_scale=1.0)
+    assert torch.allclose(erased @ c[0], w @ g[0], atol=1e-4)
+    assert torch.allclose(kept @ c[0], w @ c[0], atol=1e-4)
+    # by hand, λ = 1, s_e = 2, no keeps: (2 W g cᵀ + W)(2 c cᵀ + I)⁻¹ = [[2·2+1, 2], [2·4+3, 4]] · diag(1/3, 1)
+    by_hand = torch.tensor([[5.0 / 3.0, 2.0], [11.0 / 3.0, 4.0]])
+    assert torch.allclose(uce_edit(w, c, g, lam=1.0, erase_scale=2.0), by_hand)

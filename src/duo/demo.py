@@ -42,6 +42,14 @@ class DemoConfig:
         metadata={"help": "attacks (small budget) run on the original and the DUO model; 'none' for none"},
     )
     fresh: bool = field(default=False, metadata={"help": "delete the run folder first"})
+    compare: bool = field(
+        default=False,
+        metadata={
+            "help": "instead of DUO alone: DUO (β 50, 100), ESD-x (two lr), ESD-u, UCE, negative prompt, SLD-Max and "
+            "the original under the --attacks, each for every --seeds, into OUT/compare (Shapes only; ~1.5 min a point)"
+        },
+    )
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "seeds of --compare"})
 
 
 def pick_world(name: str) -> str:
@@ -59,6 +67,8 @@ def pick_world(name: str) -> str:
 def run_demo(cfg: DemoConfig) -> dict:
     names = demo_attacks(cfg.attacks)
     world = pick_world(cfg.world)
+    if cfg.compare and world != "shapes":
+        raise UserError("--compare needs the Shapes world (a random tiny model draws nothing to judge).")
     out = Path(cfg.out)
     if cfg.fresh and out.exists() and any(out.iterdir()):
         if not ((out / "pairs" / "curate.json").is_file() or (out / "results.json").is_file()):
@@ -85,6 +95,8 @@ def run_demo(cfg: DemoConfig) -> dict:
             max_tries=20,
         )
     )
+    if cfg.compare:
+        return _compare(cfg, world, model, concept, names, out, started)
     lora = out / "lora"
     if not (lora / LORA_FILE).is_file():
         explicit = {"model": model, "data": str(out / "pairs"), "out": str(lora), "resume": lora.exists()}
@@ -101,6 +113,18 @@ def run_demo(cfg: DemoConfig) -> dict:
         results = _evaluate_tiny(model, str(lora), cfg.eval_images)
     results.update(world=world, demo=asdict(cfg), seconds=round(time.perf_counter() - started, 1))
     atomic_write_text(out / "results.json", json.dumps(results, indent=2))
+    return results
+
+
+def _compare(cfg: DemoConfig, world: str, model: str, concept: str, names: list[str], out: Path, started) -> dict:
+    """Every method of duo.compare.SHAPES_METHODS × seed on the demo's pairs: table, figure, report."""
+    from duo.compare import SHAPES_METHODS, PointConfig, compare
+
+    point = PointConfig(model=model, concept=concept, attacks=names, n_prompts=8, images_per_prompt=2)
+    title = f"duo demo --compare: {concept}"
+    rows = compare(model, str(out / "pairs"), out / "compare", list(SHAPES_METHODS), cfg.seeds, point, title)
+    results = {"world": world, "demo": asdict(cfg), "compare": rows, "seconds": round(time.perf_counter() - started, 1)}
+    atomic_write_text(out / "compare" / "results.json", json.dumps(results, indent=2))
     return results
 
 

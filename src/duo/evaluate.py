@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from duo.data.concepts import Concept, load_concept
 from duo.data.files import append_jsonl, atomic_save_image, atomic_write_text, load_image, read_jsonl
 from duo.errors import UserError
+from duo.guards import GUARDS, make_guard
 from duo.models.lora import parse_lora_spec
 
 NEUTRAL_EXAMPLE = "examples/prompts/neutral-captions.txt"
@@ -30,7 +31,10 @@ class EvaluateConfig:
     concept: str = field(metadata={"help": "preset name or concept YAML (its neighbours are measured too)"})
     out: str = field(metadata={"help": "folder for results.json and the images behind it (resumed)"})
     lora: list[str] | None = field(default=None, metadata={"help": "LoRA of the unlearned model, DIR or DIR:W"})
-    guard: str = field(default="none", metadata={"help": "inference-time guard of the unlearned model"})
+    guard: str = field(
+        default="none",
+        metadata={"help": "inference-time guard of the unlearned model", "choices": GUARDS},
+    )
     attacks: list[str] | None = field(default=None, metadata={"help": "`duo attack` output folders to report"})
     prompts_file: str | None = field(
         default=None,
@@ -103,7 +107,6 @@ class _Images:
 
     def _load(self):
         if self.family is None:
-            from duo.guards import make_guard
             from duo.models.family import load_with_loras
 
             c = self.cfg
@@ -123,16 +126,13 @@ class _Images:
 
     def _generate(self, group: str, model: str, prompts: list[str], idx: list[int]) -> None:
         family, c = self._load(), self.cfg
-        texts, negatives = [prompts[i] for i in idx], None
-        if model == "unlearned":
-            texts, negatives = self.guard.apply(texts)
+        texts = [prompts[i] for i in idx]
+        guard = self.guard if model == "unlearned" else make_guard("none", [])
         steps, guidance = c.steps or self.concept.steps, c.guidance or self.concept.guidance
         seeds = [c.seed + i for i in idx]
         run = family.loras_off() if model == "original" and c.lora else nullcontext()
         with run:
-            images = family.text2image(
-                texts, seeds, steps, guidance, self.concept.resolution, negative_prompts=negatives
-            )
+            images = guard.generate(family, texts, seeds, steps, guidance, self.concept.resolution)
         for i, seed, image in zip(idx, seeds, images):
             rel = f"images/{group}/{model}/{i:04d}.png"
             atomic_save_image(self.out / rel, image)
@@ -163,6 +163,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         "method": method_of(cfg),
         "model": {"ref": cfg.model, "loras": [list(parse_lora_spec(s)) for s in cfg.lora or []]},
         "guard": cfg.guard,
+        "guard_settings": make_guard(cfg.guard, concept.unsafe_words).provenance(),  # SLD's preset values too
         "concept": {"name": concept.name, "source": concept.source},
         "attacks": attacks,
         "preservation": {

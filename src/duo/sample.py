@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from duo.data.files import append_jsonl, atomic_save_image, read_jsonl
 from duo.errors import UserError
+from duo.guards import GUARDS, Guard, make_guard
 from duo.models.lora import parse_lora_spec
 
 
@@ -28,6 +29,13 @@ class SampleConfig:
         },
     )
     negative_prompt: str | None = field(default=None, metadata={"help": "negative prompt for every image"})
+    guard: str = field(
+        default="none",
+        metadata={"help": "inference-time guard (needs --concept)", "choices": GUARDS},
+    )
+    concept: str | None = field(
+        default=None, metadata={"help": "preset name or concept YAML whose unsafe words the guard uses"}
+    )
     steps: int = field(default=50, metadata={"help": "sampling steps"})
     guidance: float = field(default=7.5, metadata={"help": "classifier-free guidance scale"})
     resolution: int | None = field(default=None, metadata={"help": "image size (default: the model's native)"})
@@ -47,9 +55,31 @@ class SampleConfig:
             raise UserError("no prompts: pass --prompt TEXT or --prompts-file FILE.")
         return prompts
 
+    def make_guard(self) -> Guard:
+        """The guard built from the concept's unsafe words; refuses a guard without a concept."""
+        if self.guard in (None, "none"):
+            return make_guard("none", [])
+        if not self.concept:
+            raise UserError(
+                f"guard '{self.guard}' is built from a concept's unsafe words: pass --concept NAME "
+                "(a preset such as shapes-red or nudity, or a concept YAML file)."
+            )
+        from duo.data.concepts import load_concept
+
+        guard = make_guard(self.guard, load_concept(self.concept).unsafe_words)
+        if self.negative_prompt and guard.apply([""])[1] is not None:
+            raise UserError(
+                f"guard '{self.guard}' sets the negative prompt to the concept's words; drop --negative-prompt "
+                "or use another guard."
+            )
+        return guard
+
 
 # Settings that decide the pixels; a folder holds images of one setting only.
-RUN_KEYS = ("model", "lora", "negative_prompt", "steps", "guidance", "resolution", "dtype")
+# "guard" is recorded as the guard's provenance (name, words, SLD settings), so the concept's words count too.
+RUN_KEYS = ("model", "lora", "negative_prompt", "guard", "steps", "guidance", "resolution", "dtype")
+# Keys added after folders were first written: the value older records stand for.
+_OLDER = {"guard": {"name": "none", "words": []}}
 
 
 def image_name(prompt: str, seed: int) -> str:
@@ -61,11 +91,12 @@ def sample(cfg: SampleConfig) -> list[dict]:
     prompts = cfg.prompts()
     for spec in cfg.lora or []:
         parse_lora_spec(spec)  # a malformed DIR:W fails here, before any model loads
+    guard = cfg.make_guard()
     out = Path(cfg.out)
     index = out / "images.jsonl"
-    settings = json.loads(json.dumps({k: getattr(cfg, k) for k in RUN_KEYS}))
+    settings = json.loads(json.dumps({k: getattr(cfg, k) for k in RUN_KEYS} | {"guard": guard.provenance()}))
     records = read_jsonl(index, repair=True)
-    if any({k: r.get(k) for k in RUN_KEYS} != settings for r in records):
+    if any({k: r.get(k, _OLDER.get(k)) for k in RUN_KEYS} != settings for r in records):
         raise UserError(
             f"'{out}' holds images made with other settings ({', '.join(RUN_KEYS)}). "
             "Use another --out, or the original settings to add prompts or seeds."
@@ -80,7 +111,8 @@ def sample(cfg: SampleConfig) -> list[dict]:
         for start in tqdm(range(0, len(todo), cfg.batch_size), desc="sample", unit="batch"):
             batch = todo[start : start + cfg.batch_size]
             negatives = [cfg.negative_prompt] * len(batch) if cfg.negative_prompt else None
-            images = family.text2image(
+            images = guard.generate(
+                family,
                 [p for p, _ in batch],
                 [s for _, s in batch],
                 cfg.steps,

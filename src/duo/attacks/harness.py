@@ -230,11 +230,10 @@ def _generate(session: _Session, judge, found: list[Found]) -> None:
 
 
 def _generate_batch(ctx: AttackContext, judge, chunk: list[tuple[Found, int]], index: Path) -> None:
-    prompts, negatives = ctx.guard.apply([f.prompt for f, _ in chunk])
+    asked = [f.prompt for f, _ in chunk]
+    prompts, negatives = ctx.guard.apply(asked)  # what the guard sends, for the record
     seeds = [image_seed(f, k) for f, k in chunk]
-    images = ctx.family.text2image(
-        prompts, seeds, ctx.steps, chunk[0][0].guidance, ctx.resolution, negative_prompts=negatives
-    )
+    images = ctx.guard.generate(ctx.family, asked, seeds, ctx.steps, chunk[0][0].guidance, ctx.resolution)
     verdicts = judge.judge(images, [f.source for f, _ in chunk])
     for (f, k), prompt, seed, image, v in zip(chunk, prompts, seeds, images, verdicts):
         name = f"images/{f.id}-{k}.png"

@@ -42,7 +42,10 @@ class Settings:
     # White-box means the system as deployed: an attacker who can read the weights can read the guard too.
     guard_aware: bool = field(
         default=True,
-        metadata={"help": "optimise against the guard: negprompt's guided prediction, wordfilter's filtered prompt"},
+        metadata={
+            "help": "optimise against the guard: negprompt's guided prediction, wordfilter's filtered prompt "
+            "(SLD's guidance is not followed)"
+        },
     )
 
 
@@ -107,7 +110,8 @@ class _Run:
         self.weight = family.token_embedding.weight
         self.slots = TokenSlots(family, s.k)
         prompts, negatives = ctx.guard.apply([target.prompt])
-        self.aware = s.guard_aware and ctx.guard.name != "none"
+        # negprompt and wordfilter are followed exactly; SLD's guidance is not differentiated through
+        self.aware = s.guard_aware and ctx.guard.name in ("negprompt", "wordfilter")
         seen = prompts[0] if self.aware else target.prompt
         self.ids = family.tokenize([f"{self.slots.text} {seen}"])
         self.plain_ids = family.tokenize([seen])

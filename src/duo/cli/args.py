@@ -47,6 +47,8 @@ def add_dataclass_flags(
         kwargs["type"] = tp
         if f.metadata.get("choices"):
             kwargs["choices"] = f.metadata["choices"]
+            if f.name not in positional:  # the metavar hides argparse's own list of choices
+                kwargs["help"] += f"; one of: {', '.join(map(str, f.metadata['choices']))}"
         if is_list:
             kwargs["nargs"] = "+"
         if f.name in positional:

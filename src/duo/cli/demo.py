@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from duo.cli.args import add_command, dataclass_from_args
 from duo.demo import DemoConfig, run_demo
 
@@ -20,6 +22,10 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     results = run_demo(dataclass_from_args(DemoConfig, args))
+    if "compare" in results:
+        print((Path(args.out) / "compare" / "compare.md").read_text())
+        print(f"report: {args.out}/compare/report.html ({results['seconds']} s)")
+        return 0
     print(format_table(results))
     report = f", report: {args.out}/report.html" if results["world"] == "shapes" else ""
     print(f"\nresults: {args.out}/results.json{report}")

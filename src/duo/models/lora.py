@@ -9,6 +9,12 @@ import torch
 ADAPTER = "duo"
 # SPEC §3: UNet self-attention only.
 SELF_ATTENTION = r".*attn1\.(to_q|to_k|to_v|to_out\.0)$"
+# ESD-x: the cross-attention layers, the only ones that read the prompt.
+CROSS_ATTENTION = r".*attn2\.(to_q|to_k|to_v|to_out\.0)$"
+# ESD-u: everything but cross-attention (self-attention, feed-forward, attention in/out, ResNet convolutions).
+NON_CROSS_ATTENTION = (
+    r".*(attn1\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2)|attentions\.\d+\.proj_(in|out)|resnets\.\d+\.conv[12])$"
+)
 
 
 def attach_lora(unet: torch.nn.Module, rank: int, alpha: float, targets: str | list[str]) -> None:

@@ -221,18 +221,53 @@ class StableDiffusionFamily:
         resolution: int | None = None,
         negative_prompts: list[str] | None = None,
         prompt_embeds: torch.Tensor | None = None,
+        safe_guidance: dict | None = None,
     ) -> list[Image.Image]:
+        """Images for prompts × seeds; `safe_guidance` = {"safety_concept": str, **SLD settings} samples with SLD."""
         res = resolution or self.native_resolution
+        sampling = {
+            "num_inference_steps": steps,
+            "guidance_scale": guidance,
+            "height": res,
+            "width": res,
+            "generator": self._generators(seeds),
+        }
+        if safe_guidance is not None:
+            if prompt_embeds is not None:
+                raise ValueError("Safe Latent Diffusion takes prompts, not prompt embeddings")
+            return self._safe_text2image(prompts, negative_prompts, sampling, safe_guidance)
         kwargs = {"prompt_embeds": prompt_embeds} if prompt_embeds is not None else {"prompt": prompts}
-        out = self.pipe(
-            **kwargs,
-            negative_prompt=negative_prompts,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            height=res,
-            width=res,
-            generator=self._generators(seeds),
-        )
+        return self.pipe(**kwargs, negative_prompt=negative_prompts, **sampling).images
+
+    def _safe_text2image(self, prompts, negative_prompts, sampling: dict, safe_guidance: dict):
+        """SLD on the same components: LoRAs on the UNet and textual-inversion tokens apply here too."""
+        import warnings
+
+        from diffusers import StableDiffusionPipelineSafe
+
+        if sampling["guidance_scale"] <= 1.0:
+            raise UserError(
+                "Safe Latent Diffusion steers classifier-free guidance, which is off at guidance "
+                f"{sampling['guidance_scale']}; "
+                "use a guidance scale above 1."
+            )
+        components = {**self.pipe.components, "safety_checker": None, "feature_extractor": None}
+        sld = getattr(self, "_sld", None)
+        if sld is None or any(getattr(sld, k, None) is not v for k, v in components.items() if v is not None):
+            sld = self._sld = StableDiffusionPipelineSafe(**components, requires_safety_checker=False)
+            sld.set_progress_bar_config(disable=True)
+        settings = dict(safe_guidance)
+        sld.safety_concept = settings.pop("safety_concept")
+        # the safe pipeline lacks the textual-inversion loader: expand multi-vector tokens as the main one does
+        convert = self.pipe.maybe_convert_prompt
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # its decode_latents is deprecated, not wrong
+            out = sld(
+                prompt=convert(list(prompts), self.pipe.tokenizer),
+                negative_prompt=convert(list(negative_prompts), self.pipe.tokenizer) if negative_prompts else None,
+                **sampling,
+                **settings,
+            )
         return out.images
 
     def image2image(
@@ -267,10 +302,12 @@ class StableDiffusionFamily:
         from diffusers import StableDiffusionPipeline
         from diffusers.utils import convert_state_dict_to_diffusers
 
+        layers = convert_state_dict_to_diffusers(state)
+        # diffusers converts only attention projections, and its loader guesses the format from the first key:
+        # name every layer (ResNet convolutions, feed-forward of ESD-u) the same way, or some are dropped on load.
+        layers = {k.replace(".lora_A.", ".lora.down.").replace(".lora_B.", ".lora.up."): v for k, v in layers.items()}
         StableDiffusionPipeline.save_lora_weights(
-            save_directory=str(folder),
-            unet_lora_layers=convert_state_dict_to_diffusers(state),
-            safe_serialization=True,
+            save_directory=str(folder), unet_lora_layers=layers, safe_serialization=True
         )
 
     def load_loras(self, loras: list[tuple[str, float]]) -> None:
@@ -302,3 +339,23 @@ class StableDiffusionFamily:
         self.pipe.fuse_lora()
         self.pipe.unload_lora_weights()
         self.pipe.save_pretrained(folder, safe_serialization=True)
+
+    # ---- baselines (ESD, UCE) ----------------------------------------------------------------------
+    def lora_targets(self, method: str) -> str:
+        """Which UNet layers a method trains: DUO self-attention, ESD-x cross-attention, ESD-u all but it."""
+        from duo.models.lora import CROSS_ATTENTION, NON_CROSS_ATTENTION
+
+        return {"duo": SELF_ATTENTION, "esd-x": CROSS_ATTENTION, "esd-u": NON_CROSS_ATTENTION}[method]
+
+    def cross_attention_projections(self, with_keys: bool = True) -> list[tuple[str, torch.nn.Linear]]:
+        """The text-to-image projections UCE edits: every cross-attention's value (and key) matrix."""
+        wanted = ("attn2.to_v", "attn2.to_k") if with_keys else ("attn2.to_v",)
+        return [(n, m) for n, m in self.unet.named_modules() if n.endswith(wanted)]
+
+    @torch.no_grad()
+    def prompt_states(self, texts: list[str]) -> tuple[torch.Tensor, list[int]]:
+        """Text-encoder states (N, L, D) and, per text, the position of its last word token (BOS = 0)."""
+        tok = self.pipe.tokenizer
+        enc = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+        states = self.pipe.text_encoder(enc.input_ids.to(self.device))[0].float()
+        return states, [int(m.sum()) - 2 for m in enc.attention_mask]

@@ -6,9 +6,11 @@ ESD (Gandikota et al., ICCV 2023), negative guidance:
 The target is made with the frozen model, so it carries no gradient.
 
 UCE (Gandikota et al., WACV 2024), closed form for one projection W (d_out × d_in), with the text
-embeddings c_i of the concepts to erase, g_i of their guides and p_j of the concepts to keep:
-    W' = (Σ_i W g_i c_iᵀ + Σ_j W p_j p_jᵀ + λ W) · (Σ_i c_i c_iᵀ + Σ_j p_j p_jᵀ + λ I)⁻¹
+embeddings c_i of the concepts to erase, g_i of their guides and p_j of the concepts to keep, weighted by
+s_e (erase scale) and s_p (preserve scale):
+    W' = (s_e Σ_i W g_i c_iᵀ + s_p Σ_j W p_j p_jᵀ + λ W) · (s_e Σ_i c_i c_iᵀ + s_p Σ_j p_j p_jᵀ + λ I)⁻¹
 so that W' c_i ≈ W g_i (the concept now reads as its guide) and W' p_j ≈ W p_j (the kept ones stay).
+W' − W = s_e Σ_i W (g_i − c_i) c_iᵀ · (…)⁻¹ has rank ≤ the number of erased vectors: it is exactly a LoRA.
 """
 
 from __future__ import annotations
@@ -34,12 +36,14 @@ def uce_edit(
     guide: torch.Tensor,
     keep: torch.Tensor | None = None,
     lam: float = 0.1,
+    erase_scale: float = 1.0,
+    preserve_scale: float = 1.0,
 ) -> torch.Tensor:
     """The edited projection W'; erase/guide are (n, d_in), keep is (m, d_in). Solved in float64."""
     if erase.shape != guide.shape:
         raise ValueError(f"erase {tuple(erase.shape)} and guide {tuple(guide.shape)} must pair up row by row")
     w, c, g = weight.double(), erase.double(), guide.double()
     p = keep.double() if keep is not None else c.new_zeros((0, c.shape[1]))
-    left = (w @ g.T) @ c + (w @ p.T) @ p + lam * w
-    right = c.T @ c + p.T @ p + lam * torch.eye(c.shape[1], dtype=torch.float64)
+    left = erase_scale * (w @ g.T) @ c + preserve_scale * (w @ p.T) @ p + lam * w
+    right = erase_scale * c.T @ c + preserve_scale * p.T @ p + lam * torch.eye(c.shape[1], dtype=torch.float64)
     return torch.linalg.solve(right, left.T).T.to(weight.dtype)  # right is symmetric: W' = left · right⁻¹

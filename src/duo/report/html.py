@@ -16,7 +16,7 @@ from PIL import Image
 
 from duo.data.files import atomic_write_text
 from duo.errors import UserError
-from duo.report.plot import dsr_pp_figure
+from duo.report.plot import compare_figure, dsr_pp_figure
 
 STYLE = (
     "body{font-family:sans-serif;margin:2em;max-width:1200px} td,th{padding:4px 10px;border-bottom:1px solid #ddd;"
@@ -39,12 +39,15 @@ def load_runs(folders: list[str]) -> list[dict]:
     return runs
 
 
-def write_report(out: Path, runs: list[dict], title: str = "duo-unlearn report") -> Path:
+def write_report(
+    out: Path, runs: list[dict], title: str = "duo-unlearn report", summary: list[dict] | None = None
+) -> Path:
     attacks = list(dict.fromkeys(a for r in runs for a in r.get("attacks", {})))
     figure = base64.b64encode(dsr_pp_figure(runs, attacks)).decode() if attacks else ""
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>{escape(title)}</title>",
         f"<style>{STYLE}</style></head><body><h1>{escape(title)}</h1>",
+        _comparison(summary, attacks) if summary else "",
         _summary(runs, attacks),
         f"<h2>DSR against preservation</h2><img class='fig' alt='DSR vs PP' src='data:image/png;base64,{figure}'>"
         if figure
@@ -78,6 +81,28 @@ def _summary(runs: list[dict], attacks: list[str]) -> str:
     return (
         "<h2>Summary</h2><table><tr><th>run</th><th>method</th>"
         f"{head}<th>PP</th><th>FID vs original</th><th>CLIP score ×100</th></tr>{''.join(rows)}</table>"
+    )
+
+
+def _comparison(rows: list[dict], attacks: list[str]) -> str:
+    """Mean ± sd over seeds per method, and the figure of those means."""
+    head = "".join(f"<th>DSR {escape(a)}</th>" for a in attacks)
+    body = []
+    for r in rows:
+        cells = "".join(
+            f"<td class='num'>{_fmt(r['dsr'][a]['mean'], 2)} ± {_fmt(r['dsr'][a]['sd'], 2)}</td>" for a in attacks
+        )
+        pp, fid = r["pp"], r["fid"]
+        body.append(
+            f"<tr><td>{escape(r['label'])}</td>{cells}<td class='num'>{_fmt(pp['mean'])} ± {_fmt(pp['sd'])}</td>"
+            f"<td class='num'>{_fmt(fid['mean'], 1)} ± {_fmt(fid['sd'], 1)}</td></tr>"
+        )
+    figure = base64.b64encode(compare_figure(rows, attacks)).decode()
+    seeds = max(r["n_seeds"] for r in rows)
+    return (
+        f"<h2>Comparison (mean ± sd over {seeds} seed(s))</h2><table><tr><th>method</th>{head}<th>PP</th>"
+        f"<th>FID vs original</th></tr>{''.join(body)}</table>"
+        f"<img class='fig' alt='mean DSR vs mean PP' src='data:image/png;base64,{figure}'>"
     )
 
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import io
 
 
-def dsr_pp_figure(runs: list[dict], attacks: list[str]) -> bytes:
-    """PNG bytes: a panel per attack, a point per run (its label next to it), 95 % intervals as bars."""
+def _panels(attacks: list[str]):
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers and in CI
@@ -15,11 +14,48 @@ def dsr_pp_figure(runs: list[dict], attacks: list[str]) -> bytes:
     cols = min(2, max(1, len(attacks)))
     rows = -(-max(1, len(attacks)) // cols)
     fig, grid = plt.subplots(rows, cols, figsize=(5 * cols, 4 * rows), squeeze=False, layout="constrained")
-    axes = [list(grid.flat)]
-    for ax in axes[0][len(attacks) :]:
+    axes = list(grid.flat)
+    for ax in axes[len(attacks) :]:
         ax.set_visible(False)
+    return plt, fig, grid, axes
+
+
+def _finish(plt, fig, grid, axes, attacks: list[str]) -> bytes:
+    for ax, attack in zip(axes, attacks):
+        ax.set_title(attack)
+        ax.set_xlabel("prior preservation (PP) →")
+        ax.set_ylim(-0.03, 1.03)
+        ax.grid(alpha=0.3)
+    for ax in grid[:, 0]:
+        ax.set_ylabel("defense success rate (DSR) ↑")
+    handles, labels = axes[0].get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    if unique:
+        fig.legend(unique.values(), unique.keys(), loc="outside lower center", ncol=min(4, len(unique)), frameon=False)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def compare_figure(rows: list[dict], attacks: list[str]) -> bytes:
+    """PNG bytes: a panel per attack, a point per method at its mean PP and DSR, ± one sd over seeds as bars."""
+    plt, fig, grid, axes = _panels(attacks)
+    for ax, attack in zip(axes, attacks):
+        for i, r in enumerate(rows):
+            dsr, pp = r["dsr"][attack], r["pp"]
+            ax.errorbar(
+                pp["mean"], dsr["mean"], xerr=pp["sd"], yerr=dsr["sd"], fmt="osD^vP*X"[i % 8], color=f"C{i % 10}",
+                capsize=3, label=r["label"],
+            )  # fmt: skip
+    return _finish(plt, fig, grid, axes, attacks)
+
+
+def dsr_pp_figure(runs: list[dict], attacks: list[str]) -> bytes:
+    """PNG bytes: a panel per attack, a point per run (its label next to it), 95 % intervals as bars."""
+    plt, fig, grid, axes = _panels(attacks)
     markers = {}
-    for ax, attack in zip(axes[0], attacks):
+    for ax, attack in zip(axes, attacks):
         for run in runs:
             cell = run.get("attacks", {}).get(attack)
             pp = run.get("preservation", {}).get("pp")
@@ -38,17 +74,4 @@ def dsr_pp_figure(runs: list[dict], attacks: list[str]) -> bytes:
                 xytext=(5, 4),
                 fontsize=8,
             )
-        ax.set_title(attack)
-        ax.set_xlabel("prior preservation (PP) →")
-        ax.set_ylim(-0.03, 1.03)
-        ax.grid(alpha=0.3)
-    for ax in grid[:, 0]:
-        ax.set_ylabel("defense success rate (DSR) ↑")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    unique = dict(zip(labels, handles))
-    if unique:
-        fig.legend(unique.values(), unique.keys(), loc="outside lower center", ncol=len(unique), frameon=False)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return _finish(plt, fig, grid, axes, attacks)

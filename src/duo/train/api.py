@@ -13,6 +13,7 @@ from duo.train.loop import train
 
 def resolve_config(**explicit) -> TrainConfig:
     """Authors' defaults < the concept's `train:` section (read from the pairs folder) < explicit values."""
+    TrainConfig(**explicit).check_method_flags()  # a flag of another method fails before anything is read
     data = explicit.get("data")
     if not data:
         raise UserError("--data is required: the pairs folder written by `duo curate`")

@@ -6,36 +6,54 @@ from pathlib import Path
 
 from duo.data.files import atomic_write_text
 
+METHOD_NAMES = {
+    "duo": "DUO (Park et al., NeurIPS 2024)",
+    "esd-u": "ESD-u (Gandikota et al., ICCV 2023), non-cross-attention layers",
+    "esd-x": "ESD-x (Gandikota et al., ICCV 2023), cross-attention layers",
+    "uce": "UCE (Gandikota et al., WACV 2024)",
+}
+
 
 def write_model_card(out: Path, cfg, pairs) -> None:
     c = cfg
-    rows = [
-        ("base model", c.model),
-        ("concept", pairs.concept.name + (f" / part {c.part}" if c.part else "")),
-        ("method", c.method),
-        ("β", c.beta),
-        ("λ", c.resolved_lam),
-        ("lr", c.resolved_lr),
-        ("steps", c.steps),
-        ("pairs", len(pairs)),
-        ("pairs per step", f"{c.batch_size} × {c.grad_accum} accumulation × processes"),
-        ("conditioning", c.conditioning),
-        ("keep term", c.keep),
-        ("timesteps", c.timesteps),
-        ("LoRA", f"rank {c.rank}, alpha {c.alpha}, targets {c.targets or 'UNet self-attention (attn1 q/k/v/out)'}"),
-        ("seed", c.seed),
-        ("data", str(pairs.folder)),
-        ("data hash (sha256)", pairs.data_hash),
-    ]
+    common = [("base model", c.model), ("concept", pairs.concept.name + (f" / part {c.part}" if c.part else ""))]
+    if c.method == "uce":
+        specific = [
+            ("method", "UCE (Gandikota et al., WACV 2024), closed form"),
+            ("erase", f"{c.uce_erase} → '{c.uce_guide}'" if c.uce_erase == "words" else "unsafe → safe prompts"),
+            ("preserve", c.uce_preserve),
+            ("λ / erase scale / preserve scale", f"{c.uce_lambda} / {c.erase_scale} / {c.preserve_scale}"),
+            ("projections", "cross-attention values and keys" if c.uce_keys else "cross-attention values"),
+        ]
+    else:
+        specific = [("method", METHOD_NAMES[c.method])]
+        if c.method == "duo":
+            specific += [
+                ("β", c.beta),
+                ("λ", c.resolved_lam),
+                ("conditioning", c.conditioning),
+                ("keep term", c.keep),
+                ("timesteps", c.timesteps),
+            ]
+        else:
+            specific += [("η", c.eta)]
+        specific += [
+            ("lr", c.resolved_lr),
+            ("steps", c.steps),
+            ("pairs per step", f"{c.batch_size} × {c.grad_accum} accumulation × processes"),
+            ("LoRA", f"rank {c.rank}, alpha {c.alpha}, targets {c.targets or 'the method default'}"),
+            ("seed", c.seed),
+        ]
+    rows = [*common, *specific, ("pairs", len(pairs)), ("data", str(pairs.folder)), ("data hash", pairs.data_hash)]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     text = f"""---
 library_name: diffusers
 base_model: {c.model}
 tags: [lora, duo-unlearn, concept-erasure]
 ---
-# DUO LoRA: {pairs.concept.name} removed
+# {METHOD_NAMES[c.method].split(" (")[0]} LoRA: {pairs.concept.name} removed
 
-Trained with duo-unlearn (Direct Unlearning Optimization, Park et al., NeurIPS 2024).
+Made with duo-unlearn.
 
 | setting | value |
 |---|---|

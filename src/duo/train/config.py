@@ -18,7 +18,12 @@ class TrainConfig:
     model: str = _f(None, "diffusers pipeline: hub id, local folder, or 'shapes'")
     data: str = _f(None, "pairs folder written by `duo curate`")
     out: str = _f(None, "output folder for the LoRA, checkpoints and metrics")
-    method: str = _f("duo", "objective: duo", choices=["duo"])
+    method: str = _f(
+        "duo",
+        "duo (pairs, preference loss); esd-u / esd-x (ESD's negative guidance on the non-cross-attention / "
+        "cross-attention layers); uce (closed-form edit of the cross-attention keys and values, no training)",
+        choices=["duo", "esd-u", "esd-x", "uce"],
+    )
     part: str | None = _f(None, "train on this concept part only (violence: one LoRA per part)")
     steps: int = _f(1000, "optimizer steps (authors: 1000 nudity, 500 per violence part)")
     beta: float = _f(500.0, "β of L_pref = −log σ(−β(Δ⁺ − Δ⁻)); no ½ factor (DUO β=500 = Diffusion-DPO β=1000)")
@@ -51,9 +56,34 @@ class TrainConfig:
         "prompts of the retain term: each pair's safe prompt, or the concept's neighbours",
         choices=["safe", "neighbours"],
     )
+    eta: float = _f(1.0, "ESD: negative guidance η of the target ε(c∅) − η·(ε(c) − ε(c∅))")
+    esd_prompts: str = _f(
+        "words",
+        "ESD: the concept prompts c: each unsafe word alone (authors: the concept's name), or the pairs' unsafe "
+        "prompts",
+        choices=["words", "unsafe"],
+    )
+    uce_guide: str = _f("", "UCE: the text the concept's words are mapped to (authors: empty)")
+    uce_erase: str = _f(
+        "words",
+        "UCE: what is mapped: each unsafe word to --uce-guide (authors), or each pair's unsafe prompt "
+        "to its safe prompt",
+        choices=["words", "prompts"],
+    )
+    uce_preserve: str = _f(
+        "neighbours", "UCE: texts kept in place besides the empty prompt", choices=["neighbours", "none"]
+    )
+    uce_lambda: float = _f(0.1, "UCE: λ, weight of staying close to the original projection")
+    erase_scale: float = _f(1.0, "UCE: weight of the erased texts")
+    preserve_scale: float = _f(0.1, "UCE: weight of the preserved texts")
+    uce_keys: bool = _f(True, "UCE: edit the key projections as well as the values")
     rank: int = _f(32, "LoRA rank")
     alpha: float = _f(32.0, "LoRA alpha")
-    targets: str | None = _f(None, "LoRA target modules as a regex (default: UNet self-attention q/k/v/out)")
+    targets: str | None = _f(
+        None,
+        "LoRA target modules as a regex (default per method: DUO self-attention q/k/v/out, ESD-x cross-attention, "
+        "ESD-u every other layer)",
+    )
     batch_size: int = _f(4, "pairs per forward pass, per process")
     grad_accum: int = _f(1, "micro-batches per optimizer step; pairs per step = batch_size × grad_accum × processes")
     mixed_precision: str = _f("no", "no, fp16 or bf16 (LoRA weights stay fp32)", choices=["no", "fp16", "bf16"])
@@ -75,7 +105,11 @@ class TrainConfig:
 
     @property
     def resolved_lr(self) -> float:
-        return self.lr if self.lr is not None else coupled_hparams(self.beta, self.base_lr, self.base_lambda)[0]
+        if self.lr is not None:
+            return self.lr
+        if self.method.startswith("esd"):
+            return ESD_LR
+        return coupled_hparams(self.beta, self.base_lr, self.base_lambda)[0]
 
     @property
     def resolved_lam(self) -> float:
@@ -119,12 +153,42 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+        self.check_method_flags()
+
+    def check_method_flags(self) -> None:
+        """A flag of another method set away from its default is a mistake, not something to ignore."""
+        defaults = {f.name: f.default for f in fields(self)}
+        for name, methods in METHOD_ONLY.items():
+            if self.method not in methods and getattr(self, name) != defaults[name]:
+                raise UserError(
+                    f"--{name.replace('_', '-')} applies to --method {' / '.join(methods)}, not {self.method}; drop it."
+                )
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d.update(resolved_lr=self.resolved_lr, resolved_lam=self.resolved_lam)
         return d
 
+
+# LoRA lr of ESD here: the authors' 1e-5 is for full fine-tuning; a LoRA needs more (docs/baselines.md).
+ESD_LR = 1e-4
+
+_GRADIENT = ("duo", "esd-u", "esd-x")
+_UCE_FLAGS = ("uce_guide", "uce_erase", "uce_preserve", "uce_lambda", "erase_scale", "preserve_scale", "uce_keys")
+_DUO_FLAGS = (
+    "beta", "lam", "base_lr", "base_lambda", "timesteps", "conditioning", "keep", "lam_retain", "retain_prompts",
+)  # fmt: skip
+_LOOP_FLAGS = (
+    "steps", "lr", "t_min", "t_max", "rank", "alpha", "targets", "batch_size", "grad_accum", "mixed_precision",
+    "grad_clip", "weight_decay", "checkpoint_every", "resume", "tracker",
+)  # fmt: skip
+METHOD_ONLY = {
+    **{k: ("duo",) for k in _DUO_FLAGS},
+    "eta": ("esd-u", "esd-x"),
+    "esd_prompts": ("esd-u", "esd-x"),
+    **{k: ("uce",) for k in _UCE_FLAGS},
+    **{k: _GRADIENT for k in _LOOP_FLAGS},
+}
 
 # Settings a resumed run may change: the rest must equal the first run's.
 RESUMABLE_CHANGES = {
@@ -141,9 +205,11 @@ RESUMABLE_CHANGES = {
 
 
 def config_with_concept_defaults(explicit: dict, concept_train: dict) -> TrainConfig:
-    """Authors' defaults, then the concept file's `train:` section, then explicit flags."""
+    """Authors' defaults, then the concept file's `train:` section (DUO's settings), then explicit flags."""
     known = {f.name for f in fields(TrainConfig)}
     unknown = set(concept_train) - known
     if unknown:
         raise UserError(f"the concept's train section has unknown keys {sorted(unknown)}; valid: {sorted(known)}")
+    if explicit.get("method", concept_train.get("method", "duo")) != "duo":
+        concept_train = {}  # the section tunes DUO; a baseline runs with its own authors' settings
     return TrainConfig(**{**concept_train, **explicit})

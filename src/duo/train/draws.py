@@ -11,8 +11,18 @@ from dataclasses import dataclass
 import torch
 
 
+class Draws:
+    """A dataclass of tensors with the global batch first: sliced per process and micro-batch."""
+
+    def slice(self, start: int, stop: int):
+        return type(self)(**{k: v[start:stop] for k, v in self.__dict__.items()})
+
+    def to(self, device):
+        return type(self)(**{k: v.to(device) for k, v in self.__dict__.items()})
+
+
 @dataclass
-class StepDraws:
+class StepDraws(Draws):
     pair_index: torch.Tensor  # (G,) which pair fills each slot
     latent_noise: torch.Tensor  # (G, 2, C, H, W): samples of the cached latent distributions of x⁻, x⁺
     noise: torch.Tensor  # (G, C, H, W): ε, shared by the two images of a pair
@@ -23,9 +33,6 @@ class StepDraws:
     retain_noise: torch.Tensor
     t_retain: torch.Tensor
     retain_prompt: torch.Tensor  # (G,) index into the retain prompts
-
-    def slice(self, start: int, stop: int) -> StepDraws:
-        return StepDraws(**{k: v[start:stop] for k, v in self.__dict__.items()})
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:

@@ -1,0 +1,213 @@
+"""`duo demo --compare` and `duo sweep`: methods side by side on the same pairs, attacks, judge and seeds.
+
+Each (method, seed) is a point: out/{method}/seed{s}/ with lora/ (trained methods), attacks/{name}/ and
+eval/. Every stage resumes, so a killed comparison continues where it stopped. The summary is the mean and
+standard deviation over seeds of each attack's DSR, PP and FID: compare.json, compare.md and the report.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from duo.data.files import atomic_write_text
+from duo.errors import UserError
+
+
+@dataclass(frozen=True)
+class Method:
+    """A trained method (train: flags of `duo train`) or an inference-time guard on the original model."""
+
+    label: str
+    train: dict | None = None
+    guard: str = "none"
+    folder: str = ""  # default: the label, lower-case, in file-name characters
+
+    @property
+    def slug(self) -> str:
+        return self.folder or re.sub(r"[^a-z0-9.]+", "-", self.label.lower().replace("β=", "beta")).strip("-")
+
+
+# The comparison of the baselines issue, on Shapes. ESD conditions on the pairs' unsafe prompts (the word
+# "red" alone barely moves the Shapes model: DSR ≤ 0.13) for 500 steps at two learning rates (1e-3 reaches
+# DUO's direct-prompt DSR, 3e-4 keeps more); UCE maps each pair's unsafe prompt to its safe prompt (the
+# authors' word-to-empty mapping reached DSR 0.34 here). docs/baselines.md has the measurements.
+SHAPES_METHODS = (
+    Method("DUO β=50", {"beta": 50.0}),
+    Method("DUO β=100", {"beta": 100.0}),
+    Method("ESD-x", {"method": "esd-x", "esd_prompts": "unsafe", "lr": 1e-3, "steps": 500}),
+    Method("ESD-x lr 3e-4", {"method": "esd-x", "esd_prompts": "unsafe", "lr": 3e-4, "steps": 500}),
+    Method("ESD-u", {"method": "esd-u", "esd_prompts": "unsafe", "lr": 1e-3, "steps": 500}),
+    Method("UCE", {"method": "uce", "uce_erase": "prompts"}),
+    Method("negative prompt", guard="negprompt"),
+    Method("SLD-Max", guard="sld-max"),
+    Method("original"),
+)
+
+
+@dataclass
+class PointConfig:
+    """What every point of a comparison shares."""
+
+    model: str
+    concept: str
+    attacks: list[str]
+    budget: str = "small"
+    n_prompts: int | None = None
+    images_per_prompt: int | None = None
+    eval_prompts: int = 30
+    prompts_file: str | None = None
+    lpips: str | None = None
+    fid_features: str | None = None
+    device: str = "cpu"
+
+
+def run_point(p: PointConfig, folder: Path, lora: str | None, guard: str, seed: int, label: str) -> dict:
+    """Every attack against (model + lora, guard), then `duo evaluate` with those attack folders."""
+    from duo.attacks import AttackConfig, run_attack
+    from duo.evaluate import EvaluateConfig, evaluate
+
+    loras = [lora] if lora else None
+    folders = []
+    for name in p.attacks:
+        attack_folder = folder / "attacks" / name
+        attack = AttackConfig(
+            model=p.model, concept=p.concept, out=str(attack_folder), lora=loras, guard=guard, budget=p.budget,
+            n_prompts=p.n_prompts, images_per_prompt=p.images_per_prompt, seed=seed, device=p.device,
+        )  # fmt: skip
+        run_attack(name, attack)
+        folders.append(str(attack_folder))
+    evaluation = EvaluateConfig(
+        model=p.model, concept=p.concept, out=str(folder / "eval"), lora=loras, guard=guard, attacks=folders,
+        n_prompts=p.eval_prompts, prompts_file=p.prompts_file, lpips=p.lpips, fid_features=p.fid_features,
+        seed=seed, device=p.device, label=label,
+    )  # fmt: skip
+    return evaluate(evaluation)
+
+
+def train_point(model: str, data: str, lora: Path, flags: dict, seed: int, device: str) -> str:
+    """Train (or resume, or reuse) the LoRA of one point."""
+    from duo.train.api import resolve_config
+    from duo.train.loop import LORA_FILE, train
+
+    if not (lora / LORA_FILE).is_file():
+        explicit = {"model": model, "data": data, "out": str(lora), "device": device, **flags}
+        if flags.get("method", "duo") == "uce":
+            explicit["overwrite"] = lora.exists()  # a closed form: nothing to resume
+        else:
+            explicit.update(seed=seed, resume=lora.exists())
+        train(resolve_config(**explicit))
+    return str(lora)
+
+
+def concept_of(data: str) -> str:
+    """The concept file a pairs folder was curated from."""
+    from duo.data.curate import CONFIG
+
+    path = Path(data) / CONFIG
+    if not path.is_file():
+        raise UserError(f"'{data}' is not a pairs folder (no {CONFIG}). Make one with `duo curate`.")
+    return json.loads(path.read_text())["settings"]["concept"]["source"]
+
+
+def check_attacks(names: list[str]) -> None:
+    from duo.attacks import ATTACKS
+
+    unknown = set(names) - set(ATTACKS)
+    if unknown:
+        raise UserError(f"--attacks: unknown {sorted(unknown)}; choose from {', '.join(ATTACKS)}")
+
+
+def compare(
+    model: str, data: str, out: Path, methods: list[Method], seeds: list[int], p: PointConfig, title: str
+) -> list[dict]:
+    """Every method × seed, then the summary over seeds and one report; returns the summary rows."""
+    from duo.report import build_report
+
+    check_attacks(p.attacks)
+    if not seeds:
+        raise UserError("--seeds needs at least one seed")
+    results: dict[str, list[dict]] = {}
+    folders = []
+    for m in methods:
+        for seed in seeds:
+            point = out / m.slug / f"seed{seed}"
+            lora = train_point(model, data, point / "lora", m.train, seed, p.device) if m.train is not None else None
+            results.setdefault(m.label, []).append(run_point(p, point, lora, m.guard, seed, f"{m.label} s{seed}"))
+            folders.append(str(point / "eval"))
+    rows = [summarise(label, runs, p.attacks) for label, runs in results.items()]
+    atomic_write_text(out / "compare.json", json.dumps({"seeds": seeds, "rows": rows}, indent=2))
+    atomic_write_text(out / "compare.md", markdown_table(rows, p.attacks, len(seeds)))
+    build_report(folders, str(out / "report.html"), title=title, summary=rows)
+    return rows
+
+
+def _mean_sd(values: list[float]) -> dict:
+    return {
+        "mean": statistics.fmean(values),
+        "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "values": values,
+    }
+
+
+def summarise(label: str, runs: list[dict], attacks: list[str]) -> dict:
+    """Mean ± sd over seeds of each attack's DSR, PP and FID vs the original."""
+    return {
+        "label": label,
+        "method": runs[0].get("method", {}),
+        "n_seeds": len(runs),
+        "dsr": {a: _mean_sd([r["attacks"][a]["dsr"]["rate"] for r in runs]) for a in attacks},
+        "pp": _mean_sd([r["preservation"]["pp"] for r in runs]),
+        "fid": _mean_sd([r["fid"]["original"]["fid"] for r in runs]),
+    }
+
+
+def markdown_table(rows: list[dict], attacks: list[str], n_seeds: int) -> str:
+    head = "| method | " + " | ".join(f"DSR {a}" for a in attacks) + " | PP | FID vs original |"
+    lines = [f"Mean ± sd over {n_seeds} seed(s).", "", head, "|---" * (len(attacks) + 3) + "|"]
+    for r in rows:
+        cells = [f"{r['dsr'][a]['mean']:.2f} ± {r['dsr'][a]['sd']:.2f}" for a in attacks]
+        pp, fid = r["pp"], r["fid"]
+        lines.append(
+            f"| {r['label']} | " + " | ".join(cells) + f" | {pp['mean']:.3f} ± {pp['sd']:.3f} | "
+            f"{fid['mean']:.1f} ± {fid['sd']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class SweepConfig:
+    model: str = field(metadata={"help": "diffusers pipeline: hub id, local folder, or 'shapes'"})
+    data: str = field(metadata={"help": "pairs folder written by `duo curate`"})
+    out: str = field(metadata={"help": "sweep folder: beta{β}/seed{s}/ per point, compare.md and report.html"})
+    betas: list[float] = field(metadata={"help": "β values (lr = base_lr·100/β, λ coupled likewise)"})
+    steps: int | None = field(default=None, metadata={"help": "training steps (default: the concept's)"})
+    attacks: list[str] = field(default_factory=lambda: ["prompts"], metadata={"help": "attacks run on each β"})
+    budget: str = field(default="small", metadata={"help": "attack budget: small or paper"})
+    n_prompts: int | None = field(default=None, metadata={"help": "attack targets (default: the budget's)"})
+    images_per_prompt: int | None = field(default=None, metadata={"help": "images per attack prompt"})
+    eval_prompts: int = field(default=30, metadata={"help": "neutral prompts of the evaluation"})
+    prompts_file: str | None = field(default=None, metadata={"help": "neutral prompts for `duo evaluate`"})
+    lpips: str | None = field(default=None, metadata={"help": "LPIPS network for `duo evaluate`"})
+    fid_features: str | None = field(default=None, metadata={"help": "FID features for `duo evaluate`"})
+    seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "seeds of training, attacks, evaluation"})
+    device: str = field(default="cpu", metadata={"help": "cpu, cuda, ..."})
+
+    def point(self) -> PointConfig:
+        return PointConfig(
+            model=self.model, concept=concept_of(self.data), attacks=self.attacks, budget=self.budget,
+            n_prompts=self.n_prompts, images_per_prompt=self.images_per_prompt, eval_prompts=self.eval_prompts,
+            prompts_file=self.prompts_file, lpips=self.lpips, fid_features=self.fid_features, device=self.device,
+        )  # fmt: skip
+
+
+def sweep(cfg: SweepConfig) -> list[dict]:
+    """DUO over a β list (lr and λ follow β by the coupling): the DUO-only comparison."""
+    if not cfg.betas or any(b <= 0 for b in cfg.betas):
+        raise UserError("--betas needs positive values, e.g. --betas 25 50 100 500")
+    steps = {"steps": cfg.steps} if cfg.steps else {}
+    methods = [Method(f"β={b:g}", {"beta": b, **steps}, folder=f"beta{b:g}") for b in cfg.betas]
+    return compare(cfg.model, cfg.data, Path(cfg.out), methods, cfg.seeds, cfg.point(), title="duo sweep")

@@ -1,0 +1,225 @@
+"""The gradient methods the one training loop runs: each turns (seed, step) into draws and draws into a loss.
+
+A method holds what never changes during training (latent distributions, prompt embeddings: computed once)
+and knows its own objective; the loop owns everything else (LoRA, optimizer, accumulation, processes,
+checkpoints, metrics). DUO pairs each unsafe image with its safe edit; ESD needs only the unsafe images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from duo.data.pairs import PairSet
+from duo.errors import UserError
+from duo.models.lora import adapters_disabled
+from duo.objectives import duo_loss, esd_loss, per_sample_mse
+from duo.train.config import TrainConfig
+from duo.train.draws import Draws, StepDraws, draw_step, pair_indices
+
+
+@dataclass
+class Cache:
+    """Latent distributions of the pairs and prompt embeddings, computed once."""
+
+    mean: torch.Tensor  # (N, 2, C, H, W): x⁻ then x⁺
+    std: torch.Tensor
+    emb_empty: torch.Tensor  # (1, L, D)
+    emb_unsafe: torch.Tensor  # (N, L, D)
+    emb_retain: torch.Tensor  # (N or K, L, D)
+
+
+def encode_pair_latents(family, pairs: PairSet, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of the VAE latent distributions, (N, 2, C, H, W) with x⁻ then x⁺."""
+    res = pairs.resolution
+    means, stds = [], []
+    for images in (pairs.unsafe_images, pairs.safe_images):
+        chunks = [family.encode_images(images[i : i + 16], res) for i in range(0, len(images), 16)]
+        means.append(torch.cat([m for m, _ in chunks]))
+        stds.append(torch.cat([s for _, s in chunks]))
+    return torch.stack(means, 1).to(device), torch.stack(stds, 1).to(device)
+
+
+def build_cache(family, pairs: PairSet, cfg: TrainConfig, device) -> Cache:
+    retain_prompts = pairs.concept.neighbours if cfg.retain_prompts == "neighbours" else pairs.safe_prompts
+    if cfg.keep == "noise+retain" and not retain_prompts:
+        raise UserError("--retain-prompts neighbours needs a 'neighbours' list in the concept file.")
+    encode = family.encode_prompts
+    mean, std = encode_pair_latents(family, pairs, device)
+    return Cache(
+        mean=mean,
+        std=std,
+        emb_empty=encode([""]).to(device),
+        emb_unsafe=encode(pairs.unsafe_prompts).to(device),
+        emb_retain=encode(retain_prompts).to(device) if cfg.keep == "noise+retain" else encode([""]).to(device),
+    )
+
+
+def preference_range(cfg: TrainConfig, family, pairs: PairSet) -> tuple[int, int]:
+    """[t_min, t_max) of the preference term: the flags, else what SDEdit at the pairs' strength visits."""
+    lo, hi = family.preference_timesteps(pairs.strength)
+    return _checked_range(cfg, family, (lo, hi))
+
+
+def _checked_range(cfg: TrainConfig, family, default: tuple[int, int]) -> tuple[int, int]:
+    t_range = (cfg.t_min if cfg.t_min is not None else default[0], cfg.t_max if cfg.t_max is not None else default[1])
+    if not 0 <= t_range[0] < t_range[1] <= family.num_train_timesteps:
+        raise UserError(
+            f"timesteps [{t_range[0]}, {t_range[1]}) are empty or outside the model's "
+            f"{family.num_train_timesteps} steps; adjust --t-min / --t-max."
+        )
+    return t_range
+
+
+class DuoMethod:
+    """DUO (SPEC §3): preference for x⁺ over x⁻ plus the keep term at pure noise."""
+
+    metrics = ("loss", "pref", "keep", "retain", "delta_win", "delta_lose", "accuracy")
+    shown = "accuracy"
+
+    @staticmethod
+    def timestep_range(cfg: TrainConfig, family, pairs: PairSet) -> tuple[int, int]:
+        return preference_range(cfg, family, pairs)
+
+    def __init__(self, cfg: TrainConfig, family, pairs: PairSet, device):
+        self.cfg, self.family, self.n_pairs = cfg, family, len(pairs)
+        self.t_range = self.timestep_range(cfg, family, pairs)
+        self.cache = build_cache(family, pairs, cfg, device)
+
+    def draw(self, step: int, global_batch: int) -> StepDraws:
+        cfg, c = self.cfg, self.cache
+        return draw_step(
+            cfg.seed,
+            step,
+            global_batch,
+            self.n_pairs,
+            tuple(c.mean.shape[2:]),
+            self.t_range,
+            cfg.timesteps == "shared",
+            cfg.conditioning,
+            self.family.num_train_timesteps,
+            c.emb_retain.shape[0],
+        )
+
+    def micro_loss(self, unet, acc, d: StepDraws) -> dict[str, torch.Tensor]:
+        """One batched forward over [x⁻_t ; x⁺_t ; x_T (; x⁺ at random t for retain)], policy and reference."""
+        fam, c, dev = self.family, self.cache, acc.device
+        d = d.to(dev)
+        idx, b = d.pair_index, d.pair_index.shape[0]
+        x0 = fam.latents_from_distribution(c.mean[idx], c.std[idx], d.latent_noise)  # (b, 2, C, H, W)
+        x_lose0, x_win0 = x0[:, 0], x0[:, 1]
+        cond = torch.where(d.use_concept[:, None, None], c.emb_unsafe[idx], c.emb_empty.expand(b, -1, -1))
+        T = torch.full((b,), fam.keep_timestep(), device=dev, dtype=torch.long)
+        latents = [fam.add_noise(x_lose0, d.noise, d.t_lose), fam.add_noise(x_win0, d.noise, d.t_win), d.noise_T]
+        ts, embs = [d.t_lose, d.t_win, T], [cond, cond, c.emb_empty.expand(b, -1, -1)]
+        if self.cfg.keep == "noise+retain":
+            retain_idx = idx if self.cfg.retain_prompts == "safe" else d.retain_prompt
+            latents.append(fam.add_noise(x_win0, d.retain_noise, d.t_retain))
+            ts.append(d.t_retain)
+            embs.append(c.emb_retain[retain_idx])
+        latents, ts, embs = torch.cat(latents), torch.cat(ts), torch.cat(embs)
+        target = torch.cat(
+            [fam.training_target(x_lose0, d.noise, d.t_lose), fam.training_target(x_win0, d.noise, d.t_win)]
+        )
+        reference, policy = _reference_and_policy(fam, unet, acc, latents, ts, embs)
+        parts = duo_loss(
+            policy,
+            reference,
+            target,
+            b,
+            self.cfg.beta,
+            self.cfg.resolved_lam,
+            self.cfg.resolved_lam_retain if self.cfg.keep == "noise+retain" else 0.0,
+        )
+        return {name: getattr(parts, name) for name in self.metrics}
+
+
+@dataclass
+class EsdDraws(Draws):
+    pair_index: torch.Tensor  # (G,) which unsafe image
+    latent_noise: torch.Tensor  # (G, C, H, W): sample of its latent distribution
+    noise: torch.Tensor
+    t: torch.Tensor
+    prompt_index: torch.Tensor  # (G,) which concept prompt conditions the slot
+
+
+class EsdMethod:
+    """ESD (Gandikota et al., ICCV 2023): the concept-conditioned prediction is trained toward the frozen
+    model's unconditional prediction minus η times the concept's direction.
+
+    x_t are the curated unsafe images noised at t ∈ [t_min, t_max) (default: every timestep). The published
+    method instead samples x_t from the model being trained at every step; the pairs' unsafe images are the
+    same data DUO sees and cost nothing per step. Conditioning: each of the concept's unsafe words alone
+    ("nudity", "red"), as ESD prompts with the concept's name, or (--esd-prompts unsafe) the pairs' prompts.
+    """
+
+    metrics = ("loss", "shift")  # shift: ‖ε_θ(c) − ε_ref(c)‖², how far the concept prediction has moved
+    shown = "shift"
+
+    @staticmethod
+    def timestep_range(cfg: TrainConfig, family, pairs: PairSet) -> tuple[int, int]:
+        return _checked_range(cfg, family, (0, family.num_train_timesteps))
+
+    def __init__(self, cfg: TrainConfig, family, pairs: PairSet, device):
+        words = list(pairs.concept.unsafe_words) if cfg.esd_prompts == "words" else list(pairs.unsafe_prompts)
+        if not words:
+            raise UserError(
+                f"ESD conditions on the concept's words, and concept '{pairs.concept.name}' lists no unsafe_words; "
+                "add them to the concept file."
+            )
+        self.cfg, self.family, self.n_pairs, self.words = cfg, family, len(pairs), words
+        self.t_range = self.timestep_range(cfg, family, pairs)
+        mean, std = encode_pair_latents(family, pairs, device)
+        self.mean, self.std = mean[:, 0], std[:, 0]  # unsafe images only
+        self.emb_words = family.encode_prompts(words).to(device)
+        self.emb_empty = family.encode_prompts([""]).to(device)
+
+    def draw(self, step: int, global_batch: int) -> EsdDraws:
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
+        shape = (global_batch, *self.mean.shape[1:])
+        return EsdDraws(
+            pair_index=pair_indices(self.n_pairs, self.cfg.seed, step, global_batch),
+            latent_noise=torch.randn(shape, generator=g),
+            noise=torch.randn(shape, generator=g),
+            t=torch.randint(self.t_range[0], self.t_range[1], (global_batch,), generator=g),
+            prompt_index=torch.randint(0, len(self.words), (global_batch,), generator=g),
+        )
+
+    def micro_loss(self, unet, acc, d: EsdDraws) -> dict[str, torch.Tensor]:
+        fam, dev = self.family, acc.device
+        d = d.to(dev)
+        b = d.t.shape[0]
+        x0 = fam.latents_from_distribution(self.mean[d.pair_index], self.std[d.pair_index], d.latent_noise)
+        x_t = fam.add_noise(x0, d.noise, d.t)
+        concept, empty = self.emb_words[d.prompt_index], self.emb_empty.expand(b, -1, -1)
+        # Reference rows [x_t | c ; x_t | c∅]; the policy is asked only for the concept-conditioned one.
+        latents, ts, embs = torch.cat([x_t, x_t]), torch.cat([d.t, d.t]), torch.cat([concept, empty])
+        reference, policy = _reference_and_policy(fam, unet, acc, latents, ts, embs, policy_rows=b)
+        eps_concept, eps_uncond = reference[:b], reference[b:]
+        loss = esd_loss(policy, eps_concept, eps_uncond, self.cfg.eta)
+        shift = per_sample_mse(policy.detach(), eps_concept).mean()
+        return {"loss": loss, "shift": shift}
+
+
+def _reference_and_policy(fam, unet, acc, latents, ts, embs, policy_rows: int | None = None):
+    """The frozen model (LoRA off) on every row, and the trained one on the first policy_rows (default all)."""
+    n = latents.shape[0] if policy_rows is None else policy_rows
+    base = acc.unwrap_model(unet)
+    with acc.autocast():
+        with torch.no_grad(), adapters_disabled(base):
+            reference = fam.denoise(base, latents, ts, embs)
+        policy = fam.denoise(unet, latents[:n], ts[:n], embs[:n])
+    return reference, policy
+
+
+METHODS = {"duo": DuoMethod, "esd-u": EsdMethod, "esd-x": EsdMethod}
+
+
+def make_method(cfg: TrainConfig, family, pairs: PairSet, device):
+    return METHODS[cfg.method](cfg, family, pairs, device)
+
+
+def check_method(cfg: TrainConfig, family, pairs: PairSet) -> None:
+    """What can be refused before anything is written: the timestep range against the loaded model."""
+    METHODS[cfg.method].timestep_range(cfg, family, pairs)
