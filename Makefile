@@ -1,4 +1,4 @@
-# Two entry points: `make demo` and `make test`. Both create .venv and install pinned dependencies first.
+# Entry points: `make demo`, `make test`, `make compare`. Each creates .venv and installs pinned dependencies first.
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed-stamp

@@ -36,8 +36,10 @@ class Method:
 # DUO's direct-prompt DSR, 3e-4 keeps more); UCE maps each pair's unsafe prompt to its safe prompt (the
 # authors' word-to-empty mapping reached DSR 0.34 here). docs/baselines.md has the measurements.
 SHAPES_METHODS = (
+    Method("DUO β=25", {"beta": 25.0}),
     Method("DUO β=50", {"beta": 50.0}),
     Method("DUO β=100", {"beta": 100.0}),
+    Method("DUO β=500", {"beta": 500.0}),
     Method("ESD-x", {"method": "esd-x", "esd_prompts": "unsafe", "lr": 1e-3, "steps": 500}),
     Method("ESD-x lr 3e-4", {"method": "esd-x", "esd_prompts": "unsafe", "lr": 3e-4, "steps": 500}),
     Method("ESD-u", {"method": "esd-u", "esd_prompts": "unsafe", "lr": 1e-3, "steps": 500}),
