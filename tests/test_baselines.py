@@ -177,18 +177,20 @@ def _red_rate(lora) -> float:
     return sum(v.present for v in verdicts) / len(verdicts)
 
 
-# Measured (16 pairs, 8 prompts × 2 seeds): original 1.00; ESD-x 0.31, ESD-u 0.38 after 150 steps;
-# UCE (unsafe → safe prompts) 0.00. The assertion leaves room for a different BLAS or thread count.
+# Measured (16 pairs, 8 prompts × 2 seeds): original 1.00; ESD-x 0.31, ESD-u 0.50 after 150 steps (also 0.50
+# after 300); UCE (unsafe → safe prompts) 0.00. Each must drop by its measured drop less 0.2 (3 images of 16),
+# room for another BLAS or thread count.
 BRIEF = {
-    "esd-x": {"method": "esd-x", "esd_prompts": "unsafe", "lr": 1e-3, "steps": 150},
-    "esd-u": {"method": "esd-u", "esd_prompts": "unsafe", "lr": 1e-3, "steps": 150},
-    "uce": {"method": "uce", "uce_erase": "prompts"},
+    "esd-x": ({"method": "esd-x", "esd_prompts": "unsafe", "lr": 1e-3, "steps": 150}, 0.69 - 0.2),
+    "esd-u": ({"method": "esd-u", "esd_prompts": "unsafe", "lr": 1e-3, "steps": 150}, 0.50 - 0.2),
+    "uce": ({"method": "uce", "uce_erase": "prompts"}, 1.00 - 0.2),
 }
 
 
 @pytest.mark.parametrize("name", sorted(BRIEF))
 def test_each_method_briefly_lowers_red_on_shapes(name, shapes_pairs, tmp_path):
+    flags, drop = BRIEF[name]
     original = _red_rate(None)
-    out = train(resolve_config(model="shapes", data=shapes_pairs, out=str(tmp_path / name), **BRIEF[name]))
+    out = train(resolve_config(model="shapes", data=shapes_pairs, out=str(tmp_path / name), **flags))
     assert original >= 0.9
-    assert _red_rate(out) <= original - 0.4
+    assert _red_rate(out) <= original - drop
