@@ -38,18 +38,22 @@ def red():
 @pytest.mark.parametrize(
     "name,attr,values",
     [
-        ("sld-weak", "WEAK", (20.0, 15, 0.0, 0.0, 0.0)),
+        ("sld-weak", "WEAK", (200.0, 15, 0.0, 0.0, 0.0)),
         ("sld", "MEDIUM", (1000.0, 10, 0.01, 0.3, 0.4)),
         ("sld-strong", "STRONG", (2000.0, 7, 0.025, 0.5, 0.7)),
         ("sld-max", "MAX", (5000.0, 0, 1.0, 0.5, 0.7)),
     ],
 )
-def test_sld_presets_are_diffusers_safety_config_and_recorded(name, attr, values):
+def test_sld_presets_are_the_papers_and_recorded(name, attr, values):
     from diffusers.pipelines.deprecated.stable_diffusion_safe import SafetyConfig
 
     assert name in GUARDS
     assert tuple(SLD_PRESETS[name][k] for k in SLD_KEYS) == values
-    assert SLD_PRESETS[name] == getattr(SafetyConfig, attr)  # what diffusers ships for the paper's Hyp-*
+    shipped = dict(getattr(SafetyConfig, attr))
+    if name == "sld-weak":  # the authors' table has s_S 200 for Hyp-Weak; diffusers ships 20
+        assert shipped["sld_guidance_scale"] == 20
+        shipped["sld_guidance_scale"] = 200.0
+    assert SLD_PRESETS[name] == shipped
     guard = make_guard(name, WORDS)
     assert guard.safe_guidance == {"safety_concept": "red, crimson, scarlet", **SLD_PRESETS[name]}
     assert guard.apply(["a red circle"]) == (["a red circle"], None)  # SLD leaves the text alone

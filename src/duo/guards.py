@@ -6,8 +6,8 @@ A guard turns the prompts a user (or an attacker) sends into what the model gene
 `sld`, `sld-weak`, `sld-strong`, `sld-max` are Safe Latent Diffusion (Schramowski et al., CVPR 2023): the
 prompt is left alone, and at every sampling step after a warm-up the prediction is pushed away from a
 safety concept (here the concept's unsafe words joined with ", ") wherever the prompt's and the safety
-concept's predictions agree. `sld` is the paper's Hyp-Medium; the four presets are the paper's
-hyper-parameter configurations as diffusers' `SafetyConfig` ships them (names and symbols below).
+concept's predictions agree. `sld` is the paper's Hyp-Medium; the four presets are the authors'
+hyper-parameter configurations (diffusers' `SafetyConfig` ships the same but for Hyp-Weak's scale).
 
 Generation goes through `Guard.generate`, so every command samples a guarded model the same way.
 White-box attacks can follow negprompt and wordfilter exactly; SLD's guidance is not differentiated through.
@@ -26,10 +26,10 @@ from duo.errors import UserError
 # sld_threshold [λ]: elements where ε_prompt − ε_safety ≥ λ are left alone;
 # sld_momentum_scale [s_m], sld_mom_beta [β_m]: momentum of the safety guidance.
 # The presets assume the paper's 50 sampling steps; δ counts steps, so fewer steps shorten the guided part.
-# Weak: diffusers has s_S = 20 (copied here as shipped); check the paper's table before citing 200.
+# Weak: the authors' table (ml-research/safe-latent-diffusion) has s_S = 200; diffusers' SafetyConfig.WEAK has 20.
 SLD_PRESETS = {
     "sld-weak": {
-        "sld_guidance_scale": 20.0,
+        "sld_guidance_scale": 200.0,
         "sld_warmup_steps": 15,
         "sld_threshold": 0.0,
         "sld_momentum_scale": 0.0,
