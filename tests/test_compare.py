@@ -50,6 +50,7 @@ def test_small_comparison_on_shapes(tmp_path):
     assert saved["seeds"] == [0, 1] and saved["rows"] == rows
     page = (out / "report.html").read_text()
     assert "Comparison (mean ± sd over 2 seed(s))" in page and "negative prompt" in page
+    assert "<h2>Images: UCE s0</h2>" in page and "<h2>Images: UCE s1</h2>" not in page  # grids of seed 0 only
     # A rerun resumes: no image is generated twice.
     index = out / "uce" / "seed0" / "attacks" / "prompts" / "images.jsonl"
     before = index.read_text()

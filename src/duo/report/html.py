@@ -52,7 +52,7 @@ def write_report(
         f"<h2>DSR against preservation</h2><img class='fig' alt='DSR vs PP' src='data:image/png;base64,{figure}'>"
         if figure
         else "",
-        *(_grids(run) for run in runs),
+        *(_grids(run) for run in runs if run.get("_grids", True)),
         _provenance(runs),
         "</body></html>",
     ]
