@@ -141,6 +141,7 @@ class AttackContext:
     has_loras: bool = False
     steps: int = 50
     resolution: int | None = None
+    memo: dict = field(default_factory=dict)  # what an attack computes once per run and reuses per target
 
     @property
     def seed(self) -> int:

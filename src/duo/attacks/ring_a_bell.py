@@ -127,7 +127,10 @@ def prepare(ctx: AttackContext, s: Settings) -> dict:
 def attack(ctx: AttackContext, s: Settings, target: Target) -> Found:
     family = ctx.family
     _check_length(family, s.length)
-    vector, _ = _concept_vector(ctx, s)
+    key = ("ring-a-bell", repr(s))  # one read of the vector file and one vocabulary scan per run and setting
+    if key not in ctx.memo:
+        ctx.memo[key] = _concept_vector(ctx, s)[0], _candidate_ids(family, _banned_words(ctx, s))
+    vector, candidates = ctx.memo[key]
     with torch.no_grad():
         target_emb = family.encode_ids(family.tokenize([target.prompt]))[0].float()
     if target_emb.shape != vector.shape:
@@ -136,7 +139,6 @@ def attack(ctx: AttackContext, s: Settings, target: Target) -> Found:
             f"{tuple(target_emb.shape)}: it was made for another model. Delete it, or use another --out."
         )
     goal = target_emb + s.eta * vector.to(target_emb.device)
-    candidates = _candidate_ids(family, _banned_words(ctx, s))
     generator = torch.Generator().manual_seed(_seed(ctx.seed, target.id))
     search = _Search(family, s, goal, candidates, generator)
     tokens, best, initial = search.run(desc=f"ring-a-bell {target.id}")
