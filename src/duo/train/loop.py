@@ -36,7 +36,7 @@ def train(cfg: TrainConfig) -> Path:
         torch.set_num_threads(cfg.threads)
     pairs = load_pairs(cfg.data, cfg.part)
     out = Path(cfg.out)
-    _check_out_folder(cfg, out)
+    check_out_folder(cfg, out)
 
     from accelerate import Accelerator
 
@@ -96,7 +96,7 @@ def train(cfg: TrainConfig) -> Path:
     return out
 
 
-def _check_out_folder(cfg: TrainConfig, out: Path) -> None:
+def check_out_folder(cfg: TrainConfig, out: Path) -> None:
     if not out.exists() or not any(out.iterdir()):
         return
     if cfg.overwrite:

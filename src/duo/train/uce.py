@@ -71,11 +71,13 @@ def edit(cfg) -> Path:
     """Compute the UCE edit for cfg and write it as a LoRA folder; returns the folder."""
     from duo.models.family import load_family
     from duo.train.card import write_model_card
-    from duo.train.loop import LORA_FILE, _check_out_folder
+    from duo.train.loop import LORA_FILE, check_out_folder
 
     pairs = load_pairs(cfg.data, cfg.part)
     out = Path(cfg.out)
-    _check_out_folder(cfg, out)
+    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
+        raise UserError(f"'{out}' already holds a run; UCE is a closed form with nothing to resume: pass --overwrite.")
+    check_out_folder(cfg, out)
     family = load_family(cfg.model, device=cfg.device or "cpu", allow_pickle=cfg.allow_pickle)
     erase, preserve = edit_texts(cfg, pairs)
     c, g, p = text_vectors(family, erase, preserve)
