@@ -115,12 +115,17 @@ def concept_of(data: str) -> str:
     return json.loads(path.read_text())["settings"]["concept"]["source"]
 
 
-def check_attacks(names: list[str]) -> None:
+def check_attacks(names: list[str], allow_none: bool = False) -> list[str]:
+    """The attack names, each one known (`none` dropped where it may stand for no attack)."""
     from duo.attacks import ATTACKS
 
-    unknown = set(names) - set(ATTACKS)
+    kept = [a for a in names if not (allow_none and a == "none")]
+    unknown = set(kept) - set(ATTACKS)
     if unknown:
-        raise UserError(f"--attacks: unknown {sorted(unknown)}; choose from {', '.join(ATTACKS)}")
+        raise UserError(
+            f"--attacks: unknown {sorted(unknown)}; choose from {', '.join(ATTACKS)}{' or none' if allow_none else ''}"
+        )
+    return kept
 
 
 def compare(

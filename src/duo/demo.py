@@ -130,13 +130,9 @@ def _compare(cfg: DemoConfig, world: str, model: str, concept: str, names: list[
 
 
 def demo_attacks(requested: list[str]) -> list[str]:
-    from duo.attacks import ATTACKS
+    from duo.compare import check_attacks
 
-    names = [a for a in requested if a != "none"]
-    unknown = set(names) - set(ATTACKS)
-    if unknown:
-        raise UserError(f"--attacks: unknown {sorted(unknown)}; choose from {', '.join(ATTACKS)} or none")
-    return names
+    return check_attacks(requested, allow_none=True)
 
 
 def red_team(model: str, lora: str, concept: str, names: list[str], seed: int, out: Path) -> dict:
