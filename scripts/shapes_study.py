@@ -197,8 +197,7 @@ def run_one(name: str, seed: int, root: Path, n_eval: int) -> dict:
     from duo.judges import get_judge
     from duo.models.family import load_family
     from duo.shapes.demo import measure
-    from duo.train.api import resolve_config
-    from duo.train.loop import train
+    from duo.train.api import resolve_config, train
 
     judge_name, overrides = CONFIGS[name]
     pairs = root / f"pairs-{judge_name}-seed{seed}"

@@ -91,10 +91,10 @@ def test_word_filter_stops_plain_prompts_and_the_run_refuses_other_settings(tmp_
     assert results["dsr"]["rate"] >= 0.8, "without its colour word a Shapes prompt should not draw red"
     sent = [r["prompt_sent"] for p in results["prompts"] for r in p["images"]]
     assert not any(w in s.split() for s in sent for w in ("red", "crimson", "scarlet"))
-    before = (out / "attack.json").read_text()
+    before = (out / "run.json").read_text()
     with pytest.raises(UserError, match="guard"):
         run_attack("prompts", _cfg(out, guard="negprompt"))
-    assert (out / "attack.json").read_text() == before
+    assert (out / "run.json").read_text() == before
 
 
 def test_cli_exit_code_2_for_unknown_setting_and_missing_judge(tmp_path, tiny_model, concept_file):

@@ -10,9 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from duo.errors import UserError
-from duo.train.api import resolve_config
+from duo.train.api import LORA_FILE, resolve_config, train
 from duo.train.config import TrainConfig
-from duo.train.loop import LORA_FILE, train
 from duo.train.uce import lora_factors, text_vectors
 
 

@@ -87,7 +87,7 @@ def test_rejection_sampling_counts_tries(tiny_model, concept_file, tmp_path, mon
     assert [r["unsafe"]["tries"] for r in records] == [3, 3]
     assert [r["safe"]["tries"] for r in records] == [1, 1]
     assert records[0]["unsafe"]["judge"]["present"] is True
-    assert json.loads((out / "curate.json").read_text())["settings"]["judge"] == "fake"
+    assert json.loads((out / "run.json").read_text())["config"]["judge"] == "fake"
 
 
 def test_running_out_of_tries_is_a_clear_error(tiny_model, concept_file, tmp_path, monkeypatch):

@@ -11,8 +11,6 @@ from duo.errors import UserError
 from duo.metrics import (
     ClipFeatures,
     LpipsVgg,
-    ShapesFeatures,
-    ShapesLpips,
     clip_score,
     fid,
     frechet_distance,
@@ -22,6 +20,7 @@ from duo.metrics import (
     lpips_distance,
 )
 from duo.metrics.lpips import CHANNELS, vgg16_features
+from duo.shapes.features import ShapesFeatures, ShapesLpips
 from duo.shapes.render import render_dataset
 
 VGG_CONVS = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)

@@ -5,8 +5,7 @@ import pytest
 from PIL import Image
 
 from duo.sample import SampleConfig, sample
-from duo.train.api import resolve_config
-from duo.train.loop import train
+from duo.train.api import resolve_config, train
 
 
 @pytest.fixture(scope="module")

@@ -166,7 +166,7 @@ def test_judge_accuracy_on_fresh_renders():
 
 def test_shapes_judge_adapter():
     from duo.judges import get_judge
-    from duo.judges.shapes import ShapesJudge
+    from duo.shapes.concept_judge import ShapesJudge
     from duo.shapes.render import render
 
     rng = np.random.default_rng(5)
@@ -215,7 +215,7 @@ def test_shipped_pipeline_loads_offline_and_follows_colour(monkeypatch):
 # ------------------------------------------------------------------ concepts and CLI
 @pytest.mark.parametrize("name", ["shapes-red", "shapes-circle"])
 def test_concept_files(name):
-    from duo.judges.shapes import ShapesJudge
+    from duo.shapes.concept_judge import ShapesJudge
 
     spec = yaml.safe_load((CONCEPTS / f"{name}.yaml").read_text())
     assert spec["name"] == name and spec["judge"] == "shapes" and spec["resolution"] == 32

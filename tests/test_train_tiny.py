@@ -10,8 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from duo.train.api import resolve_config
-from duo.train.loop import LORA_FILE, train
+from duo.train.api import LORA_FILE, resolve_config, train
 
 
 def run_train(model, data, out, **kw):

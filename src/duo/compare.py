@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import re
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from duo.data.files import atomic_write_text
 from duo.errors import UserError
+from duo.runs import RunFolder
+from duo.worlds import world_named
 
 
 @dataclass(frozen=True)
@@ -31,23 +33,8 @@ class Method:
         return self.folder or re.sub(r"[^a-z0-9.]+", "-", self.label.lower().replace("β=", "beta")).strip("-")
 
 
-# The comparison of the baselines issue, on Shapes. ESD conditions on the pairs' unsafe prompts (the word
-# "red" alone barely moves the Shapes model: DSR ≤ 0.13) for 500 steps at two learning rates (1e-3 reaches
-# DUO's direct-prompt DSR, 3e-4 keeps more); UCE maps each pair's unsafe prompt to its safe prompt (the
-# authors' word-to-empty mapping reached DSR 0.34 here). docs/baselines.md has the measurements.
-SHAPES_METHODS = (
-    Method("DUO β=25", {"beta": 25.0}),
-    Method("DUO β=50", {"beta": 50.0}),
-    Method("DUO β=100", {"beta": 100.0}),
-    Method("DUO β=500", {"beta": 500.0}),
-    Method("ESD-x", {"method": "esd-x", "esd_prompts": "unsafe", "lr": 1e-3, "steps": 500}),
-    Method("ESD-x lr 3e-4", {"method": "esd-x", "esd_prompts": "unsafe", "lr": 3e-4, "steps": 500}),
-    Method("ESD-u", {"method": "esd-u", "esd_prompts": "unsafe", "lr": 1e-3, "steps": 500}),
-    Method("UCE", {"method": "uce", "uce_erase": "prompts"}),
-    Method("negative prompt", guard="negprompt"),
-    Method("SLD-Max", guard="sld-max"),
-    Method("original"),
-)
+# The Shapes world's tuned comparison; why each setting was chosen is written beside it, in duo.shapes.world.
+SHAPES_METHODS = tuple(Method(**m) for m in world_named("shapes").methods)
 
 
 @dataclass
@@ -92,8 +79,7 @@ def run_point(p: PointConfig, folder: Path, lora: str | None, guard: str, seed: 
 
 def train_point(model: str, data: str, lora: Path, flags: dict, seed: int, device: str) -> str:
     """Train (or resume, or reuse) the LoRA of one point."""
-    from duo.train.api import resolve_config
-    from duo.train.loop import LORA_FILE, train
+    from duo.train.api import LORA_FILE, resolve_config, train
 
     if not (lora / LORA_FILE).is_file():
         explicit = {"model": model, "data": data, "out": str(lora), "device": device, **flags}
@@ -107,12 +93,9 @@ def train_point(model: str, data: str, lora: Path, flags: dict, seed: int, devic
 
 def concept_of(data: str) -> str:
     """The concept file a pairs folder was curated from."""
-    from duo.data.curate import CONFIG
+    from duo.data.pairs import require_pairs
 
-    path = Path(data) / CONFIG
-    if not path.is_file():
-        raise UserError(f"'{data}' is not a pairs folder (no {CONFIG}). Make one with `duo curate`.")
-    return json.loads(path.read_text())["settings"]["concept"]["source"]
+    return require_pairs(data)["concept"]["source"]
 
 
 def check_attacks(names: list[str], allow_none: bool = False) -> list[str]:
@@ -137,6 +120,15 @@ def compare(
     check_attacks(p.attacks)
     if not seeds:
         raise UserError("--seeds needs at least one seed")
+    # Methods and seeds may grow between runs: each point claims (and checks) its own folders.
+    config = {
+        "model": model,
+        "point": asdict(p),
+        "title": title,
+        "methods": [asdict(m) for m in methods],
+        "seeds": seeds,
+    }
+    run = RunFolder.claim(out, "compare", config, {"data": data}, volatile=("methods", "seeds")).start()
     results: dict[str, list[dict]] = {}
     folders = []
     for m in methods:
@@ -151,6 +143,7 @@ def compare(
     # Grids of the first seed only: with every seed the page grows by ~0.3 MB a point and shows the same thing.
     first = [str(out / m.slug / f"seed{seeds[0]}" / "eval") for m in methods]
     build_report(folders, str(out / "report.html"), title=title, summary=rows, grid_folders=first)
+    run.finish(["compare.json", "compare.md", "report.html"])
     return rows
 
 

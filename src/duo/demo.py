@@ -16,8 +16,7 @@ from pathlib import Path
 from duo.data.curate import CurateConfig, curate
 from duo.data.files import atomic_write_text
 from duo.errors import UserError
-from duo.train.api import resolve_config
-from duo.train.loop import LORA_FILE, train
+from duo.train.api import LORA_FILE, resolve_config, train
 
 log = logging.getLogger(__name__)
 DEMO_ATTACKS = ("prompts", "ring-a-bell", "concept-inversion", "unlearndiff")

@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import json
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from duo.data.concepts import Concept, load_concept
+from duo.data.concepts import Concept
 from duo.data.files import append_jsonl, atomic_save_image, atomic_write_text, load_image, read_jsonl
+from duo.data.lineage import lora_lineage, resolve_inputs, same_model
 from duo.errors import UserError
 from duo.guards import GUARDS, make_guard
-from duo.models.lora import parse_lora_spec
+from duo.models.lora_spec import lora_dirs, parse_lora_spec
+from duo.runs import RunFolder, content_hash, package_versions, read_run
+from duo.worlds import world_for
 
 NEUTRAL_EXAMPLE = "examples/prompts/neutral-captions.txt"
 GRID_ROWS = 8
@@ -27,9 +30,14 @@ GRID_ROWS = 8
 
 @dataclass
 class EvaluateConfig:
-    model: str = field(metadata={"help": "diffusers pipeline: hub id, local folder, or 'shapes'"})
-    concept: str = field(metadata={"help": "preset name or concept YAML (its neighbours are measured too)"})
     out: str = field(metadata={"help": "folder for results.json and the images behind it (resumed)"})
+    model: str | None = field(
+        default=None, metadata={"help": "diffusers pipeline: hub id, local folder, or 'shapes' (default: the LoRA's)"}
+    )
+    concept: str | None = field(
+        default=None,
+        metadata={"help": "preset name or concept YAML, its neighbours measured too (default: the LoRA's)"},
+    )
     lora: list[str] | None = field(default=None, metadata={"help": "LoRA of the unlearned model, DIR or DIR:W"})
     guard: str = field(
         default="none",
@@ -57,17 +65,19 @@ class EvaluateConfig:
     dtype: str = field(default="float32", metadata={"help": "float32, float16 or bfloat16"})
     device: str = field(default="cpu", metadata={"help": "cpu, cuda, ..."})
     threads: int | None = field(default=None, metadata={"help": "CPU threads for torch"})
-
-
-def _shapes_world(cfg: EvaluateConfig, concept: Concept) -> bool:
-    return cfg.model == "shapes" or concept.judge == "shapes"
+    override: list[str] | None = field(
+        default=None,
+        metadata={"help": "let --model / --concept contradict the LoRA's lineage: model, concept (recorded)"},
+    )
+    overwrite: bool = field(default=False, metadata={"help": "delete the run in --out and start afresh"})
 
 
 def resolve_metrics(cfg: EvaluateConfig, concept: Concept) -> EvaluateConfig:
-    """The Shapes world measures with its judge's features; elsewhere weights must be named."""
-    if _shapes_world(cfg, concept):
-        cfg.lpips = cfg.lpips or "shapes"
-        cfg.fid_features = cfg.fid_features or "shapes"
+    """A built-in world (Shapes) measures with its own networks; elsewhere weights must be named."""
+    world = world_for(cfg.model, concept)
+    if world is not None:  # get_lpips / get_features resolve a world's name to its own networks
+        cfg.lpips = cfg.lpips or world.name
+        cfg.fid_features = cfg.fid_features or world.name
     if not cfg.lpips:
         raise UserError(
             "prior preservation needs LPIPS weights, and none can be downloaded: pass --lpips vgg:FILE "
@@ -90,10 +100,9 @@ def neutral_prompts(cfg: EvaluateConfig, concept: Concept) -> list[str]:
         else:
             raise UserError(f"--prompts-file '{path}' does not exist.")
         return prompts[: cfg.n_prompts]
-    if _shapes_world(cfg, concept):
-        from duo.shapes.evaluation import other_prompts
-
-        return other_prompts(concept.judge_options.get("colour", "red"), cfg.n_prompts)[: cfg.n_prompts]
+    world = world_for(cfg.model, concept)
+    if world is not None:
+        return world.neutral_prompts(concept, cfg.n_prompts)[: cfg.n_prompts]
     raise UserError(f"pass --prompts-file with neutral prompts (COCO-style captions), e.g. {NEUTRAL_EXAMPLE}.")
 
 
@@ -142,19 +151,67 @@ class _Images:
 
 
 def evaluate(cfg: EvaluateConfig) -> dict:
-    concept = load_concept(cfg.concept)
+    inputs = resolve_inputs(cfg.model, cfg.concept, lora_dirs(cfg.lora), cfg.override)
+    cfg, concept = replace(cfg, model=inputs.model), inputs.concept
     cfg = resolve_metrics(cfg, concept)
+    prompts = neutral_prompts(cfg, concept)
+    run = RunFolder.claim(
+        cfg.out,
+        "evaluate",
+        _run_config(cfg, concept, prompts),
+        _parents(cfg),
+        overwrite=cfg.overwrite,
+        overrides=inputs.overrides,
+        volatile=VOLATILE,
+    )
+    loras = [rec for role, rec in sorted(run.parents.items()) if role.startswith("lora")]
     attacks = {}
     for folder in cfg.attacks or []:
-        cell = attack_summary(Path(folder), cfg)
+        cell = attack_summary(Path(folder), cfg, loras)
         attacks[cell["attack"] if cell["attack"] not in attacks else Path(folder).name] = cell
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    prompts = neutral_prompts(cfg, concept)
-    images = _Images(cfg, concept, out)
-    original, unlearned = images.get("neutral", prompts)
+    run.start()
+    images = _Images(cfg, concept, run.path)
+    results = _measure(cfg, concept, images, prompts)
+    results["attacks"] = attacks
+    for name, cell in attacks.items():
+        results["grids"][f"attack: {name}"] = attack_originals(images, cell)
+    results.update(
+        sampling={"steps": cfg.steps or concept.steps, "guidance": cfg.guidance or concept.guidance},
+        config=asdict(cfg),
+        lineage={**run.lineage(), "origin": inputs.origin},
+        versions=package_versions(),
+        written=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+    atomic_write_text(run.path / "results.json", json.dumps(results, indent=2))
+    run.finish(["results.json", "images.jsonl"])
+    return results
+
+
+# Settings that change what is computed from the images, not the images: a rerun may change them.
+VOLATILE = ("lpips", "fid_features", "clip", "reference", "label", "attacks", "attack:*", "reference_images")
+
+
+def _run_config(cfg: EvaluateConfig, concept: Concept, prompts: list[str]) -> dict:
+    config = {k: v for k, v in asdict(cfg).items() if k not in ("out", "batch_size", "device", "threads", "overwrite")}
+    config.update(
+        concept={k: v for k, v in concept.to_dict().items() if k != "source"},
+        guard=make_guard(cfg.guard, concept.unsafe_words).provenance(),
+        prompts=prompts,
+    )
+    return config
+
+
+def _parents(cfg: EvaluateConfig) -> dict:
+    parents = {f"lora{i}": d for i, d in enumerate(lora_dirs(cfg.lora))}
+    parents.update({f"attack:{i}": folder for i, folder in enumerate(cfg.attacks or [])})
+    return {**parents, "prompts_file": cfg.prompts_file, "reference_images": cfg.reference}
+
+
+def _measure(cfg: EvaluateConfig, concept: Concept, images: _Images, prompts: list[str]) -> dict:
+    """Everything measured on generated images: preservation, neighbours, FID, alignment, CLIP score."""
     from duo.metrics import clip_score, fid, get_features, get_lpips, lpips_distance
 
+    original, unlearned = images.get("neutral", prompts)
     net = get_lpips(cfg.lpips)
     distances = lpips_distance(original, unlearned, net)
     results = {
@@ -165,7 +222,6 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         "guard": cfg.guard,
         "guard_settings": make_guard(cfg.guard, concept.unsafe_words).provenance(),  # SLD's preset values too
         "concept": {"name": concept.name, "source": concept.source},
-        "attacks": attacks,
         "preservation": {
             "pp": 1.0 - float(distances.mean()),
             "lpips": float(distances.mean()),
@@ -185,31 +241,27 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         results["fid"] = {"original": fid(unlearned, original, backend)}
         if cfg.reference:
             results["fid"]["reference"] = fid(unlearned, _folder_images(Path(cfg.reference)), backend)
-    if _shapes_world(cfg, concept):
-        from duo.shapes.evaluation import attribute_accuracy
-
-        results["alignment"] = {
-            "original": attribute_accuracy(original, prompts),
-            "unlearned": attribute_accuracy(unlearned, prompts),
-            "definition": "share of images whose colour / shape the Shapes judge reads as the prompt asks "
-            "(the Shapes world's stand-in for CLIP score)",
-        }
+    results.update(_alignment(cfg, concept, original, unlearned, prompts))
     if cfg.clip:
         pairs = (("original", original), ("unlearned", unlearned))
         results["clip_score"] = {m: clip_score(ims, prompts, cfg.clip) for m, ims in pairs}
-    for name, cell in attacks.items():
-        results["grids"][f"attack: {name}"] = attack_originals(images, name, cell)
-    from duo.data.curate import package_versions
-
-    results["sampling"] = {"steps": cfg.steps or concept.steps, "guidance": cfg.guidance or concept.guidance}
-    results["config"] = asdict(cfg)
-    results["versions"] = package_versions()
-    results["written"] = datetime.now(UTC).isoformat(timespec="seconds")
-    atomic_write_text(out / "results.json", json.dumps(results, indent=2))
     return results
 
 
-def attack_originals(images: _Images, name: str, cell: dict) -> list[dict]:
+def _alignment(cfg: EvaluateConfig, concept: Concept, original, unlearned, prompts: list[str]) -> dict:
+    world = world_for(cfg.model, concept)
+    if world is None or world.alignment is None:
+        return {}
+    return {
+        "alignment": {
+            "original": world.alignment(original, prompts),
+            "unlearned": world.alignment(unlearned, prompts),
+            "definition": world.alignment_definition,
+        }
+    }
+
+
+def attack_originals(images: _Images, cell: dict) -> list[dict]:
     """The attack's prompts on the original model (LoRAs off, no guard, same seeds): the grid's left column."""
     from duo.attacks.concept_inversion import EMBEDS, FOLDER, install_token
 
@@ -221,7 +273,7 @@ def attack_originals(images: _Images, name: str, cell: dict) -> list[dict]:
 
         install_token(family, cell["settings"]["token"], next(iter(load_file(str(learned)).values())), learned)
     for i, ex in enumerate(examples):
-        rel = f"images/attack-{name}/original/{i:04d}.png"
+        rel = f"images/attack-{cell['hash'][:12]}/original/{i:04d}.png"  # keyed by content: never stale
         if not (images.out / rel).is_file():
             with family.loras_off() if images.cfg.lora else nullcontext():
                 image = family.text2image(
@@ -253,17 +305,28 @@ def _folder_images(folder: Path) -> list:
     return [load_image(p) for p in files]
 
 
-def attack_summary(folder: Path, cfg: EvaluateConfig) -> dict:
-    """An attack folder's DSR and provenance; refused if it attacked another model than this one."""
-    path = folder / "results.json"
-    if not path.is_file():
-        raise UserError(f"--attacks '{folder}' has no results.json; run `duo attack ... --out {folder}` first.")
+def attack_summary(folder: Path, cfg: EvaluateConfig, loras: list[dict]) -> dict:
+    """An attack folder's DSR and provenance; refused unless it attacked this very model (LoRAs by hash) and guard."""
+    path, run = folder / "results.json", read_run(folder)
+    if not path.is_file() or run is None or run.get("kind") != "attack" or not run.get("finished"):
+        raise UserError(
+            f"--attacks '{folder}' is not a finished `duo attack` run (no results.json / run.json); "
+            f"run `duo attack ... --out {folder}` first (folders from before run.json: rerun the attack)."
+        )
     r = json.loads(path.read_text())
-    mine = {"ref": cfg.model, "loras": [list(parse_lora_spec(s)) for s in cfg.lora or []]}
-    if r["model"] != mine or r["guard"]["name"] != cfg.guard:
+    theirs = [rec["hash"] for role, rec in sorted(run.get("parents", {}).items()) if role.startswith("lora")]
+    weights = [w for _, w in map(parse_lora_spec, run["config"].get("lora") or [])]
+    same = (
+        same_model(run["config"]["model"], cfg.model)
+        and theirs == [rec["hash"] for rec in loras]
+        and weights == [w for _, w in map(parse_lora_spec, cfg.lora or [])]
+        and r["guard"]["name"] == cfg.guard
+    )
+    if not same:
+        mine = {"ref": cfg.model, "loras": [list(parse_lora_spec(s)) for s in cfg.lora or []]}
         raise UserError(
             f"attack '{folder}' ran against {r['model']} with guard {r['guard']['name']}, not {mine} with guard "
-            f"{cfg.guard}; evaluate each model with its own attacks."
+            f"{cfg.guard} (LoRAs are compared by content hash); evaluate each model with its own attacks."
         )
     examples = [
         {
@@ -277,16 +340,16 @@ def attack_summary(folder: Path, cfg: EvaluateConfig) -> dict:
         if p["images"]
     ]
     keep = ("dsr", "asr", "prompts_broken", "n_prompts", "judge", "budget", "settings", "sampling")
-    return {"attack": r["attack"], **{k: r[k] for k in keep}, "results": str(path), "examples": examples}
+    cell = {"attack": r["attack"], **{k: r[k] for k in keep}, "results": str(path), "examples": examples}
+    return {**cell, "hash": content_hash(folder)}
 
 
 def method_of(cfg: EvaluateConfig) -> dict:
-    """What was evaluated, from the first LoRA's training config (method, β, steps) or the guard."""
-    for spec in cfg.lora or []:
-        config = Path(parse_lora_spec(spec)[0]) / "config.json"
-        if config.is_file():
-            c = json.loads(config.read_text())
-            return {"name": c.get("method", "duo"), "beta": c.get("beta"), "steps": c.get("steps")}
+    """What was evaluated, from the first LoRA's training run (method, β, steps) or the guard."""
+    for folder in lora_dirs(cfg.lora):
+        method = lora_lineage(folder).method
+        if method:
+            return method
     return {"name": f"guard {cfg.guard}" if cfg.guard != "none" else "original"}
 
 

@@ -12,7 +12,8 @@ from tqdm.auto import tqdm
 from duo.data.files import append_jsonl, atomic_save_image, read_jsonl
 from duo.errors import UserError
 from duo.guards import GUARDS, Guard, make_guard
-from duo.models.lora import parse_lora_spec
+from duo.models.lora_spec import lora_dirs
+from duo.runs import RunFolder
 
 
 @dataclass
@@ -43,6 +44,7 @@ class SampleConfig:
     dtype: str = field(default="float32", metadata={"help": "float32, float16 or bfloat16"})
     device: str = field(default="cpu", metadata={"help": "cpu, cuda, ..."})
     allow_pickle: bool = field(default=False, metadata={"help": "allow loading pickled (.bin/.ckpt) weights"})
+    overwrite: bool = field(default=False, metadata={"help": "delete the run in --out and start afresh"})
 
     def prompts(self) -> list[str]:
         prompts = list(self.prompt or [])
@@ -78,8 +80,6 @@ class SampleConfig:
 # Settings that decide the pixels; a folder holds images of one setting only.
 # "guard" is recorded as the guard's provenance (name, words, SLD settings), so the concept's words count too.
 RUN_KEYS = ("model", "lora", "negative_prompt", "guard", "steps", "guidance", "resolution", "dtype")
-# Keys added after folders were first written: the value older records stand for.
-_OLDER = {"guard": {"name": "none", "words": []}}
 
 
 def image_name(prompt: str, seed: int) -> str:
@@ -89,25 +89,20 @@ def image_name(prompt: str, seed: int) -> str:
 def sample(cfg: SampleConfig) -> list[dict]:
     """Generate every prompt × seed into cfg.out; returns the records of images.jsonl (resumes)."""
     prompts = cfg.prompts()
-    for spec in cfg.lora or []:
-        parse_lora_spec(spec)  # a malformed DIR:W fails here, before any model loads
     guard = cfg.make_guard()
     out = Path(cfg.out)
     index = out / "images.jsonl"
     settings = json.loads(json.dumps({k: getattr(cfg, k) for k in RUN_KEYS} | {"guard": guard.provenance()}))
-    records = read_jsonl(index, repair=True)
-    if any({k: r.get(k, _OLDER.get(k)) for k in RUN_KEYS} != settings for r in records):
-        raise UserError(
-            f"'{out}' holds images made with other settings ({', '.join(RUN_KEYS)}). "
-            "Use another --out, or the original settings to add prompts or seeds."
-        )
+    parents = {f"lora{i}": d for i, d in enumerate(lora_dirs(cfg.lora))}
+    run = RunFolder.claim(out, "sample", settings, parents, overwrite=cfg.overwrite)
+    records = read_jsonl(index, repair=True) if run.state == "resume" else []
     done = {(r["prompt"], r["seed"]) for r in records}
     todo = [(p, s) for p in dict.fromkeys(prompts) for s in cfg.seeds if (p, s) not in done]
     if todo:
         from duo.models.family import load_with_loras
 
         family = load_with_loras(cfg.model, cfg.lora, cfg.dtype, cfg.device, cfg.allow_pickle)
-        out.mkdir(parents=True, exist_ok=True)
+        run.start()
         for start in tqdm(range(0, len(todo), cfg.batch_size), desc="sample", unit="batch"):
             batch = todo[start : start + cfg.batch_size]
             negatives = [cfg.negative_prompt] * len(batch) if cfg.negative_prompt else None
@@ -124,4 +119,5 @@ def sample(cfg: SampleConfig) -> list[dict]:
                 name = image_name(prompt, seed)
                 atomic_save_image(out / name, image)
                 append_jsonl(index, {"file": name, "prompt": prompt, "seed": seed, **settings})
+        run.finish(["images.jsonl"] + [r["file"] for r in read_jsonl(index)])
     return read_jsonl(index)

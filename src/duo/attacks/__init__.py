@@ -5,25 +5,10 @@
 
 from __future__ import annotations
 
-import importlib
-
 from duo.attacks.base import AttackConfig
-from duo.errors import UserError
+from duo.attacks.registry import ATTACKS, attack_module
 
 __all__ = ["ATTACKS", "AttackConfig", "attack_module", "run_attack"]
-
-ATTACKS = {
-    "prompts": "duo.attacks.prompt_set",
-    "ring-a-bell": "duo.attacks.ring_a_bell",
-    "concept-inversion": "duo.attacks.concept_inversion",
-    "unlearndiff": "duo.attacks.unlearndiff",
-}
-
-
-def attack_module(name: str):
-    if name not in ATTACKS:
-        raise UserError(f"unknown attack '{name}'; choose one of {', '.join(ATTACKS)}")
-    return importlib.import_module(ATTACKS[name])
 
 
 def run_attack(name: str, config, **settings) -> dict:

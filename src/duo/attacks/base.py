@@ -14,11 +14,16 @@ import hashlib
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
 from duo.errors import UserError
 from duo.guards import GUARDS
+
+if TYPE_CHECKING:
+    from duo.data.concepts import Concept
+    from duo.models.protocol import ModelFamily
 
 BUDGET_NAMES = ("small", "paper")
 # How many targets and images per adversarial prompt, per budget (attack knobs live in each module).
@@ -32,9 +37,15 @@ COMMON_BUDGETS = {
 class AttackConfig:
     """Settings of `duo attack NAME`; None means "the budget's or the concept's default"."""
 
-    model: str = field(metadata={"help": "diffusers pipeline under attack: hub id, local folder, or 'shapes'"})
-    concept: str = field(metadata={"help": "preset name (nudity, shapes-red, ...) or a concept YAML file"})
     out: str = field(metadata={"help": "output folder (resumed if it holds a run with the same settings)"})
+    model: str | None = field(
+        default=None,
+        metadata={"help": "diffusers pipeline under attack: hub id, local folder, or 'shapes' (default: the LoRA's)"},
+    )
+    concept: str | None = field(
+        default=None,
+        metadata={"help": "preset name (nudity, shapes-red, ...) or a concept YAML file (default: the LoRA's)"},
+    )
     lora: list[str] | None = field(
         default=None, metadata={"help": "LoRA under attack, DIR or DIR:WEIGHT; repeat to combine"}
     )
@@ -70,27 +81,15 @@ class AttackConfig:
     device: str = field(default="cpu", metadata={"help": "cpu, cuda, ..."})
     threads: int | None = field(default=None, metadata={"help": "CPU threads for torch (default: torch's)"})
     allow_pickle: bool = field(default=False, metadata={"help": "allow loading pickled (.bin/.ckpt) weights"})
+    override: list[str] | None = field(
+        default=None,
+        metadata={"help": "let --model / --concept contradict the LoRA's lineage: model, concept (recorded)"},
+    )
+    overwrite: bool = field(default=False, metadata={"help": "delete the run in --out and start afresh"})
 
     def common(self, key: str):
         value = getattr(self, key)
         return COMMON_BUDGETS[self.budget][key] if value is None else value
-
-    def judge_settings(self, concept) -> tuple[str, dict]:
-        """(judge name, options): explicit ones, else the concept's (its options only with its own judge)."""
-        import json
-
-        name = self.judge or concept.judge
-        if self.judge_options is None:
-            return name, dict(concept.judge_options) if name == concept.judge else {}
-        try:
-            options = json.loads(self.judge_options)
-        except json.JSONDecodeError as exc:
-            raise UserError(
-                f'--judge-options is not valid JSON ({exc}); write e.g. \'{{"preset": "rece9"}}\'.'
-            ) from None
-        if not isinstance(options, dict):
-            raise UserError('--judge-options must be a JSON object, e.g. \'{"preset": "rece9"}\'.')
-        return name, options
 
     def validate(self) -> None:
         if self.budget not in BUDGET_NAMES:
@@ -132,8 +131,8 @@ def target_id(index: int, prompt: str) -> str:
 class AttackContext:
     """The model under attack (LoRAs loaded), the concept, and the shared services attacks use."""
 
-    family: object
-    concept: object
+    family: ModelFamily
+    concept: Concept
     guard: object
     config: AttackConfig
     out: Path

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from duo.data.files import append_jsonl, atomic_save_image, load_image, read_jsonl
@@ -21,23 +20,22 @@ def concept_images(ctx, n: int) -> tuple[list, list[str], dict]:
 
 
 def _lora_pairs_folder(loras: list[str] | None) -> str | None:
-    from duo.models.lora import parse_lora_spec
+    """The pairs folder the first LoRA with a `duo train` lineage was trained on."""
+    from duo.data.lineage import lora_lineage
+    from duo.models.lora_spec import lora_dirs
 
-    for spec in loras or []:
-        config = Path(parse_lora_spec(spec)[0]) / "config.json"
-        if config.is_file():
-            data = json.loads(config.read_text()).get("data")
-            if data and (Path(data) / "pairs.jsonl").is_file():
-                return data
-    return None
+    return next((x.pairs for x in map(lora_lineage, lora_dirs(loras)) if x.pairs), None)
 
 
 def _from_folder(folder: Path, n: int) -> tuple[list, list[str]]:
     """The unsafe images of a `duo curate` folder (with their prompts), or any images (prompt unknown: '')."""
     if not folder.is_dir():
         raise UserError(f"--images '{folder}' is not a folder; pass a folder of images or a `duo curate` output.")
-    if (folder / "pairs.jsonl").is_file():
-        records = read_jsonl(folder / "pairs.jsonl")[:n]
+    from duo.data.curate import MANIFEST
+    from duo.data.pairs import pairs_settings
+
+    if pairs_settings(folder) is not None:
+        records = read_jsonl(folder / MANIFEST)[:n]
         return [load_image(folder / r["unsafe"]["file"]) for r in records], [r["unsafe"]["prompt"] for r in records]
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:n]
     if not files:

@@ -11,7 +11,8 @@ import json
 import logging
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file
@@ -19,47 +20,20 @@ from safetensors.torch import save as safetensors_bytes
 from tqdm.auto import tqdm
 
 from duo.attacks.base import Found
+from duo.attacks.settings.concept_inversion import BUDGETS, NAME, Settings  # noqa: F401 (module contract)
 from duo.attacks.tokens import TokenSlots, word_vectors
 from duo.data.files import atomic_write_bytes, atomic_write_text
 from duo.errors import UserError
 
-NAME = "concept-inversion"
+if TYPE_CHECKING:
+    from duo.models.protocol import ModelFamily
+
 FOLDER = "concept_inversion"
 EMBEDS = "learned_embeds.safetensors"
 CHECKPOINT = "checkpoint.safetensors"
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Settings:
-    token: str = field(default="<concept>", metadata={"help": "the new token; prompts carry it instead of the concept"})
-    num_vectors: int = field(default=1, metadata={"help": "embedding vectors behind the token"})
-    # Not an unsafe word: the token must not start from the very word a word filter would look for.
-    init_word: str = field(default="a", metadata={"help": "word whose embedding the token starts from"})
-    n_images: int = field(default=25, metadata={"help": "images of the concept to learn from"})
-    train_steps: int = field(default=3000, metadata={"help": "optimisation steps (paper: 3000)"})
-    train_batch: int = field(default=4, metadata={"help": "images per step (paper: 4)"})
-    lr: float = field(default=5e-3, metadata={"help": "Adam learning rate (paper: 5e-3)"})
-    checkpoint_every: int = field(default=500, metadata={"help": "steps between resumable checkpoints"})
-    # White-box means the system as deployed; the published attack met no guard, so this changes nothing there.
-    guard_aware: bool = field(
-        default=True, metadata={"help": "under the negprompt guard, learn through its guided prediction"}
-    )
-
-
-# Small: 400 steps at 10× the paper's rate (at 5e-3 this step count barely moves the vector) and 3 vectors
-# (with one, the token beat the negprompt guard in 16-22/32 Shapes images; with three, 28/32): ~20 s on Shapes.
-BUDGETS = {
-    "small": {
-        "n_images": 16,
-        "num_vectors": 3,
-        "train_steps": 400,
-        "train_batch": 8,
-        "lr": 5e-2,
-        "checkpoint_every": 100,
-    },
-    "paper": {},
-}
 EVAL_DRAWS = 32  # fixed (image, t, noise) draws that score the initial and the learned token alike
 
 
@@ -107,17 +81,9 @@ def _validate(s: Settings) -> None:
             raise UserError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(s, key)}")
 
 
-def install_token(family, token: str, vectors: torch.Tensor, path) -> None:
+def install_token(family: ModelFamily, token: str, vectors: torch.Tensor, path) -> None:
     """Make the pipeline generate with the token; a second prepare in the same process overwrites the rows."""
-    vocab = family.vocabulary()
-    names = [token] + [f"{token}_{i}" for i in range(1, len(vectors))]  # diffusers' multi-vector names
-    if not all(n in vocab for n in names):
-        with torch.random.fork_rng(devices=[]):  # diffusers draws the new rows from the global RNG
-            family.load_textual_inversion(path, token)
-        return
-    weight = family.token_embedding.weight
-    with torch.no_grad():
-        weight[[vocab[n] for n in names]] = vectors.to(weight.device, weight.dtype)
+    family.load_textual_inversion(path, token, vectors)
 
 
 # ---- training ------------------------------------------------------------------------------------------
@@ -125,7 +91,7 @@ def _learn(ctx, s: Settings, folder) -> tuple[torch.Tensor, dict]:
     images, prompts, source = ctx.concept_images(s.n_images)
     if not images:
         raise UserError("concept inversion found no images of the concept; pass --images FOLDER.")
-    family = ctx.family
+    family: ModelFamily = ctx.family
     texts = [token_prompt(p, ctx.concept.unsafe_words, s.token) for p in prompts]
     atomic_write_text(folder / "prompts.txt", "\n".join(texts) + "\n")
     mean, std = family.encode_images(images, ctx.resolution or family.native_resolution)
@@ -169,7 +135,7 @@ def _guidance(ctx, s: Settings) -> tuple[torch.Tensor, float] | None:
     return ctx.family.encode_prompts(negatives), float(scale)
 
 
-def _predict(family, x_t, t, emb, guided) -> torch.Tensor:
+def _predict(family: ModelFamily, x_t, t, emb, guided) -> torch.Tensor:
     """The UNet's prediction, or the guided one ε_neg + g·(ε_cond − ε_neg) that the guarded model samples with."""
     pred = family.denoise(family.unet, x_t, t, emb).float()
     if guided is None:
@@ -182,7 +148,7 @@ def _predict(family, x_t, t, emb, guided) -> torch.Tensor:
 
 def _optimise(ctx, s: Settings, ckpt, fingerprint: str, slots, ids, mean, std, init, guided):
     """Adam on the token's vectors from `init` (or the last checkpoint); returns (vectors, losses, start)."""
-    family = ctx.family
+    family: ModelFamily = ctx.family
     vectors = torch.nn.Parameter(init.clone())
     optimizer = torch.optim.Adam([vectors], lr=s.lr)
     generator = torch.Generator().manual_seed(ctx.seed)
@@ -202,7 +168,7 @@ def _optimise(ctx, s: Settings, ckpt, fingerprint: str, slots, ids, mean, std, i
     return vectors.detach(), losses, start
 
 
-def _training_ids(family, slots: TokenSlots, texts: list[str], token: str) -> torch.Tensor:
+def _training_ids(family: ModelFamily, slots: TokenSlots, texts: list[str], token: str) -> torch.Tensor:
     """Token ids of each training prompt; one whose token fell past the last position gets it up front."""
     texts = [t.replace(token, slots.text) for t in texts]
     ids = family.tokenize(texts).cpu()
@@ -212,7 +178,9 @@ def _training_ids(family, slots: TokenSlots, texts: list[str], token: str) -> to
     return ids
 
 
-def _step(family, ids, mean, std, batch_size: int, generator: torch.Generator, guided=None) -> torch.Tensor:
+def _step(
+    family: ModelFamily, ids, mean, std, batch_size: int, generator: torch.Generator, guided=None
+) -> torch.Tensor:
     """Denoising MSE on a random batch of the concept's images at uniform timesteps (fresh noise)."""
     idx = torch.randint(len(ids), (batch_size,), generator=generator)
     t = torch.randint(0, family.num_train_timesteps, (batch_size,), generator=generator)
@@ -223,7 +191,7 @@ def _step(family, ids, mean, std, batch_size: int, generator: torch.Generator, g
     return torch.nn.functional.mse_loss(pred, family.training_target(x0, noise, t).float())
 
 
-def _fixed_draws(family, mean, std, seed: int) -> dict:
+def _fixed_draws(family: ModelFamily, mean, std, seed: int) -> dict:
     """Draws of their own generator, so the training stream does not depend on them."""
     g = torch.Generator().manual_seed(seed + 1)
     n = EVAL_DRAWS
@@ -234,7 +202,9 @@ def _fixed_draws(family, mean, std, seed: int) -> dict:
 
 
 @torch.no_grad()
-def _draws_loss(family, ids, draws: dict, slots: TokenSlots, vectors: torch.Tensor, guided=None, chunk=8) -> float:
+def _draws_loss(
+    family: ModelFamily, ids, draws: dict, slots: TokenSlots, vectors: torch.Tensor, guided=None, chunk=8
+) -> float:
     """Mean denoising MSE of the fixed draws with the token set to `vectors` (comparable across vectors)."""
     slots.vectors, total = vectors, 0.0
     for i in range(0, len(draws["idx"]), chunk):

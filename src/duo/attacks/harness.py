@@ -14,26 +14,21 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from duo.attacks import attack_module
 from duo.attacks.base import AttackConfig, AttackContext, Found, Target, target_id
-from duo.data.concepts import Concept, load_concept
-from duo.data.curate import package_versions
+from duo.attacks.registry import attack_module
+from duo.data.concepts import Concept
 from duo.data.files import append_jsonl, atomic_save_image, atomic_write_text, read_jsonl
+from duo.data.lineage import resolve_inputs
 from duo.errors import UserError
 from duo.guards import make_guard
 from duo.judges import get_judge
 from duo.metrics import rate_with_interval
-from duo.models.lora import parse_lora_spec
+from duo.models.lora_spec import lora_dirs, parse_lora_spec
+from duo.runs import RunFolder, package_versions
 
-RUN_FILE, FOUND, IMAGES, RESULTS, PREPARED = (
-    "attack.json",
-    "found.jsonl",
-    "images.jsonl",
-    "results.json",
-    "prepare.json",
-)
+FOUND, IMAGES, RESULTS, PREPARED = "found.jsonl", "images.jsonl", "results.json", "prepare.json"
 # Settings that do not change what an attack finds or generates.
-NOT_RUN_KEYS = {"out", "batch_size", "device", "threads"}
+NOT_RUN_KEYS = {"out", "batch_size", "device", "threads", "overwrite"}
 # Targets drawn from the concept use their own shuffle, apart from curation's.
 TARGET_SEED_OFFSET = 7919
 
@@ -86,29 +81,17 @@ def _distinct_unsafe(part, seed: int) -> list[str]:
     return list(dict.fromkeys(u for u, _, _ in every))
 
 
-def _run_record(name: str, cfg: AttackConfig, settings) -> dict:
+def _run_record(name: str, cfg: AttackConfig, settings, concept: Concept, judge: tuple[str, dict]) -> dict:
     run = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_RUN_KEYS}
-    return json.loads(json.dumps({"attack": name, "config": run, "settings": dataclasses.asdict(settings)}))
+    run["concept"] = {k: v for k, v in concept.to_dict().items() if k != "source"}
+    run["judge"], run["judge_options"] = judge
+    return {"attack": name, **run, "settings": dataclasses.asdict(settings)}
 
 
-def _claim_folder(out: Path, record: dict) -> None:
-    path = out / RUN_FILE
-    if path.is_file():
-        previous = json.loads(path.read_text())
-        if previous != record:
-            changed = sorted(
-                k
-                for part in ("config", "settings")
-                for k in set(previous.get(part, {})) | set(record[part])
-                if previous.get(part, {}).get(k) != record[part].get(k)
-            )
-            raise UserError(
-                f"'{out}' holds an attack run with other settings ({', '.join(changed) or 'attack'}). "
-                "Use another --out, or the original settings to resume."
-            )
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(record, indent=2))
+def _parents(cfg: AttackConfig) -> dict:
+    """The folders (and files) this attack is built on: the LoRAs under attack, the images and prompts it reads."""
+    parents = {f"lora{i}": d for i, d in enumerate(lora_dirs(cfg.lora))}
+    return {**parents, "images": cfg.images, "prompts_file": cfg.prompts_file}
 
 
 class _Session:
@@ -143,15 +126,18 @@ def run_attack(name: str, cfg: AttackConfig, overrides: dict | None = None) -> d
     cfg.validate()
     module = attack_module(name)
     settings = resolve_settings(module, cfg.budget, overrides or {})
-    concept = load_concept(cfg.concept)
+    inputs = resolve_inputs(cfg.model, cfg.concept, lora_dirs(cfg.lora), cfg.override)
+    cfg, concept = dataclasses.replace(cfg, model=inputs.model), inputs.concept
     guard = make_guard(cfg.guard, concept.unsafe_words)
-    judge_name, judge_options = cfg.judge_settings(concept)
-    judge = get_judge(judge_name, judge_options)
+    judge_spec = concept.judge_spec(cfg.judge, cfg.judge_options)
+    judge = get_judge(*judge_spec)
     if judge is None:
         raise UserError(f"concept '{concept.name}' names no judge; pass --judge (nudenet, shapes, ...).")
     out = Path(cfg.out)
     targets = build_targets(cfg, concept)
-    _claim_folder(out, _run_record(name, cfg, settings))
+    record = _run_record(name, cfg, settings, concept, judge_spec)
+    run = RunFolder.claim(out, "attack", record, _parents(cfg), overwrite=cfg.overwrite, overrides=inputs.overrides)
+    run.start()
     session = _Session(name, cfg, concept, guard, targets, out)
 
     found = _find(session, module, settings)
@@ -159,7 +145,9 @@ def run_attack(name: str, cfg: AttackConfig, overrides: dict | None = None) -> d
     _generate(session, judge, found)
     prepared = json.loads((out / PREPARED).read_text()) if (out / PREPARED).is_file() else {}
     results = summarise(name, session, settings, judge, found, read_jsonl(out / IMAGES), prepared)
+    results["lineage"] = {**run.lineage(), "origin": inputs.origin}
     atomic_write_text(out / RESULTS, json.dumps(results, indent=2))
+    run.finish([RESULTS, FOUND, IMAGES, "prompts.csv"])
     return results
 
 

@@ -10,98 +10,23 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from duo.attacks.base import AttackContext, Found, Target
+from duo.attacks.settings.ring_a_bell import BUDGETS, CHOICES, NAME, Settings  # noqa: F401 (module contract)
 from duo.data.files import read_table
 from duo.errors import UserError
 
-NAME = "ring-a-bell"
+if TYPE_CHECKING:
+    from duo.models.protocol import ModelFamily
+
 VECTOR_FILE = "ring_a_bell_vector.safetensors"
 ENCODE_CHUNK = 64  # prompts per text-encoder call while building the concept vector
 PROGRESS_MIN_GENERATIONS = 500  # shorter searches finish too fast for a bar to help
-CHOICES = {
-    "mutation": ("one-token", "per-token"),
-    "crossover": ("one-point", "uniform"),
-    "selection": ("truncation", "tournament"),
-    "distance": ("mse", "cosine"),
-}
-
-
-@dataclass
-class Settings:
-    # Defaults are the authors' nudity setting (InversePrompt notebook: η=3, K=16, 200 × 3000, mutation 0.25,
-    # crossover 0.5; their nudity concept vector came from 50 prompt pairs). Their violence run used η=5.5, K=77.
-    eta: float = field(
-        default=3.0, metadata={"help": "η: weight of the concept vector added to the target's embedding"}
-    )
-    length: int = field(
-        default=16, metadata={"help": "K: tokens of the prompt searched for (at most the model's prompt length - 2)"}
-    )
-    population: int = field(default=200, metadata={"help": "candidate prompts per generation"})
-    generations: int = field(default=3000, metadata={"help": "generations of the genetic search"})
-    mutation_rate: float = field(
-        default=0.25, metadata={"help": "chance that a child is mutated (one-token) or that each token is (per-token)"}
-    )
-    mutation: str = field(
-        default="one-token",
-        metadata={
-            "help": "one-token: a mutated child gets one random token (the authors'); per-token: every token "
-            "is replaced with probability --mutation-rate",
-            "choices": CHOICES["mutation"],
-        },
-    )
-    crossover_rate: float = field(default=0.5, metadata={"help": "chance that a child mixes two parents"})
-    crossover: str = field(
-        default="one-point", metadata={"help": "how two parents mix", "choices": CHOICES["crossover"]}
-    )
-    selection: str = field(
-        default="truncation",
-        metadata={"help": "how parents are drawn", "choices": CHOICES["selection"]},
-    )
-    parents: float = field(
-        default=0.5, metadata={"help": "truncation selection: the fittest fraction that may parent children"}
-    )
-    tournament_size: int = field(default=3, metadata={"help": "tournament selection: candidates per tournament"})
-    # The authors' loop carries the fitter half over to the next generation; here it is carried unchanged, so
-    # the best prompt is never lost.
-    elite: float = field(default=0.5, metadata={"help": "fraction of the fittest carried over unchanged"})
-    distance: str = field(
-        default="mse",
-        metadata={"help": "distance between hidden-state sequences", "choices": CHOICES["distance"]},
-    )
-    n_pairs: int = field(default=50, metadata={"help": "prompt pairs of the concept that make the concept vector"})
-    pairs_file: str | None = field(
-        default=None,
-        metadata={"help": "CSV or JSONL with columns 'with' and 'without': the pairs instead of the concept's"},
-    )
-    exclude_unsafe_words: bool = field(
-        default=True, metadata={"help": "leave the concept's unsafe words out of the tokens searched"}
-    )
-
-    def validate(self) -> None:
-        for name in ("length", "population", "n_pairs", "tournament_size"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.population < 2:
-            raise UserError(f"--population must be at least 2 (parents and children), got {self.population}")
-        if self.generations < 0:
-            raise UserError(f"--generations must be 0 or more, got {self.generations}")
-        for name in ("mutation_rate", "crossover_rate", "parents"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise UserError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
-        if not 0.0 <= self.elite < 1.0:
-            raise UserError(f"--elite must be in [0, 1): some of each generation must be children, got {self.elite}")
-        for name, choices in CHOICES.items():
-            if getattr(self, name) not in choices:
-                raise UserError(f"--{name} must be one of {', '.join(choices)}, got '{getattr(self, name)}'")
-
-
-# Small: about a second per Shapes target on one CPU thread; Shapes captions are 7 words, so K=8 can say as much.
-BUDGETS = {"small": {"length": 8, "population": 64, "generations": 200}, "paper": {}}
 
 
 # ---- contract ------------------------------------------------------------------------------------------
@@ -125,7 +50,7 @@ def prepare(ctx: AttackContext, s: Settings) -> dict:
 
 
 def attack(ctx: AttackContext, s: Settings, target: Target) -> Found:
-    family = ctx.family
+    family: ModelFamily = ctx.family
     _check_length(family, s.length)
     key = ("ring-a-bell", repr(s))  # one read of the vector file and one vocabulary scan per run and setting
     if key not in ctx.memo:
@@ -179,7 +104,7 @@ def _concept_vector(ctx: AttackContext, s: Settings) -> tuple[torch.Tensor, dict
     return vector, meta
 
 
-def _mean_difference(family, pairs: list[tuple[str, str]]) -> torch.Tensor:
+def _mean_difference(family: ModelFamily, pairs: list[tuple[str, str]]) -> torch.Tensor:
     total = None
     for start in range(0, len(pairs), ENCODE_CHUNK):
         chunk = pairs[start : start + ENCODE_CHUNK]
@@ -199,7 +124,7 @@ def _save_vector(path: Path, vector: torch.Tensor, meta: dict) -> None:
     atomic_write_bytes(path, save({"vector": vector.contiguous()}, metadata=meta))
 
 
-def _load_vector(path: Path, family) -> tuple[torch.Tensor, dict]:
+def _load_vector(path: Path, family: ModelFamily) -> tuple[torch.Tensor, dict]:
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -241,7 +166,7 @@ def _read_pairs_file(path: Path) -> list[tuple[str, str]]:
 # ---- what may be searched ----------------------------------------------------------------------------------
 
 
-def _check_length(family, length: int) -> None:
+def _check_length(family: ModelFamily, length: int) -> None:
     most = family.max_prompt_tokens - 2  # BOS and EOS take two positions
     if length > most:
         raise UserError(
@@ -257,24 +182,13 @@ def _banned_words(ctx: AttackContext, s: Settings) -> set[str]:
     return {w for phrase in ctx.concept.unsafe_words for w in phrase.lower().split()}
 
 
-def _candidate_ids(family, banned: set[str]) -> torch.Tensor:
-    """Whole-word tokens that decode to a word and tokenize back to themselves, so that the decoded prompt
-    the harness sends is the token sequence that was searched."""
-    tok = family.pipe.tokenizer
-    specials = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id}
-    words, ids = [], []
-    for token, i in sorted(family.vocabulary().items(), key=lambda kv: kv[1]):
-        word = token[: -len("</w>")]
-        if token.endswith("</w>") and word.isascii() and word.isalpha() and len(word) >= 2 and i not in specials:
-            if word.lower() not in banned:
-                words.append(word)
-                ids.append(i)
-    if not ids:
+def _candidate_ids(family: ModelFamily, banned: set[str]) -> torch.Tensor:
+    """Whole-word tokens of two letters or more that decode to a word and tokenize back to themselves, so that
+    the decoded prompt the harness sends is the token sequence that was searched."""
+    ids = family.whole_word_ids(banned, min_length=2)
+    if len(ids) == 0:
         raise UserError(f"the vocabulary of '{family.ref}' has no whole-word tokens left to search.")
-    ids = torch.tensor(ids)
-    retokenized = family.tokenize(words).cpu()
-    roundtrip = (retokenized[:, 1] == ids) & (retokenized[:, 2] == tok.eos_token_id)
-    return ids[roundtrip]
+    return ids
 
 
 # ---- the genetic search ----------------------------------------------------------------------------------
@@ -296,10 +210,8 @@ def _distances(embs: torch.Tensor, goal: torch.Tensor, metric: str) -> torch.Ten
 class _Search:
     """Genes are indices into the candidate tokens; a population is a (P, K) tensor, kept sorted by fitness."""
 
-    def __init__(self, family, s: Settings, goal: torch.Tensor, candidates: torch.Tensor, generator):
+    def __init__(self, family: ModelFamily, s: Settings, goal: torch.Tensor, candidates: torch.Tensor, generator):
         self.family, self.s, self.goal, self.candidates, self.g = family, s, goal, candidates, generator
-        tok = family.pipe.tokenizer
-        self.bos, self.eos, self.pad = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
         self.n_elite = max(1, math.floor(s.elite * s.population))
         self.n_children = s.population - self.n_elite
 
@@ -325,18 +237,9 @@ class _Search:
         order = torch.argsort(scores, stable=True)
         return pop[order], scores[order]
 
-    def _ids(self, genes: torch.Tensor) -> torch.Tensor:
-        """[BOS] + K tokens + [EOS] + padding: the layout `tokenize` gives a prompt of K words."""
-        n, k = genes.shape
-        ids = torch.full((n, self.family.max_prompt_tokens), self.pad, dtype=torch.long)
-        ids[:, 0] = self.bos
-        ids[:, 1 : k + 1] = self.candidates[genes]
-        ids[:, k + 1] = self.eos
-        return ids
-
     def _score(self, genes: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            embs = self.family.encode_ids(self._ids(genes)).float()
+            embs = self.family.encode_ids(self.family.prompt_ids(self.candidates[genes])).float()
         return _distances(embs, self.goal, self.s.distance).cpu()
 
     def _parents(self, scores: torch.Tensor, n: int) -> torch.Tensor:

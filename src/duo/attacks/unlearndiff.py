@@ -10,48 +10,18 @@ continuous vectors behind them, and the projected prefix with the lowest loss on
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
 
 from duo.attacks.base import Found
-from duo.attacks.tokens import TokenSlots, project, random_word_ids, real_word_ids, token_count, word_vectors
+from duo.attacks.settings.unlearndiff import BUDGETS, NAME, Settings  # noqa: F401 (module contract)
+from duo.attacks.tokens import TokenSlots, embedding_table, project, random_word_ids, real_word_ids, word_vectors
 from duo.errors import UserError
 
-NAME = "unlearndiff"
-
-
-@dataclass
-class Settings:
-    # k, iterations, lr and weight decay are UnlearnDiffAtk's nudity settings (text_grad attacker, prefix_k).
-    k: int = field(default=5, metadata={"help": "adversarial prefix tokens"})
-    iterations: int = field(default=40, metadata={"help": "optimisation steps per target"})
-    lr: float = field(default=0.01, metadata={"help": "AdamW learning rate"})
-    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay"})
-    draws: int = field(default=1, metadata={"help": "(t, noise) draws per step (paper: 1)"})
-    eval_draws: int = field(
-        default=8, metadata={"help": "fixed (t, noise) draws that score each projected prefix (keeps the best)"}
-    )
-    init: str = field(default="random", metadata={"help": "'random' real words (seeded), or a word for every token"})
-    metric: str = field(default="cosine", metadata={"help": "nearest-token projection", "choices": ("cosine", "l2")})
-    # The published attack prepends tokens to the I2P prompt as it is, concept words and all.
-    exclude_unsafe_words: bool = field(
-        default=False, metadata={"help": "never project onto the concept's unsafe words (a word filter catches them)"}
-    )
-    # White-box means the system as deployed: an attacker who can read the weights can read the guard too.
-    guard_aware: bool = field(
-        default=True,
-        metadata={
-            "help": "optimise against the guard: negprompt's guided prediction, wordfilter's filtered prompt "
-            "(SLD's guidance is not followed)"
-        },
-    )
-
-
-# Shapes: the published setting takes ~1 s per target on one core and barely moves the prefix off its random
-# start; 5× the steps at 10× the rate lowers the loss about twice as much (~5 s per target).
-BUDGETS = {"small": {"iterations": 200, "lr": 0.1}, "paper": {}}
+if TYPE_CHECKING:
+    from duo.models.protocol import ModelFamily
 
 
 def prepare(ctx, s: Settings) -> dict:
@@ -80,8 +50,8 @@ def _validate(s: Settings) -> None:
         raise UserError(f"--metric must be cosine or l2, got '{s.metric}'")
 
 
-def _check_fits(family, k: int, target) -> None:
-    used = token_count(family, target.prompt)
+def _check_fits(family: ModelFamily, k: int, target) -> None:
+    used = family.token_count(target.prompt)
     room = family.max_prompt_tokens - used
     if k > room:
         raise UserError(
@@ -103,11 +73,12 @@ class _Run:
     """One target's optimisation: fixed conditioning, target latents and draws; the prefix is what moves."""
 
     def __init__(self, ctx, s: Settings, target):
-        family = self.family = ctx.family
+        family: ModelFamily = ctx.family
+        self.family = family
         self.s, self.guidance = s, target.guidance
         self.generator = torch.Generator().manual_seed(_seed(ctx, target))
         self.candidates = _candidates(ctx, s)
-        self.weight = family.token_embedding.weight
+        self.weight = embedding_table(family).weight
         self.slots = TokenSlots(family, s.k)
         prompts, negatives = ctx.guard.apply([target.prompt])
         # negprompt and wordfilter are followed exactly; SLD's guidance is not differentiated through

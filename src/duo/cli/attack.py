@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from duo.attacks import ATTACKS, attack_module
 from duo.attacks.base import AttackConfig
+from duo.attacks.registry import ATTACKS, attack_settings
 from duo.cli.args import add_dataclass_flags, dataclass_from_args, explicit_values
 
 SUMMARY = {
@@ -25,7 +25,7 @@ def add_parser(sub) -> None:
     )
     attacks = parser.add_subparsers(dest="attack", metavar="ATTACK", required=True)
     for name in ATTACKS:
-        module = attack_module(name)
+        module = attack_settings(name)
         p = attacks.add_parser(name, help=SUMMARY[name], description=SUMMARY[name] + ". " + _budget_help(module))
         add_dataclass_flags(p, AttackConfig)
         knobs = p.add_argument_group(

@@ -45,12 +45,12 @@ def quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    quiet_libraries()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # --help ends here, before torch or diffusers are imported
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    quiet_libraries()
     try:
         result = args.func(args)
     except UserError as exc:

@@ -111,7 +111,7 @@ def run_eval_base(args) -> int:
     from diffusers import StableDiffusionPipeline
 
     from duo.shapes.judge import load_judge
-    from duo.shapes.train_base import evaluate_base
+    from duo.shapes.quality import evaluate_base
 
     if args.n < 1:
         raise UserError("--n must be at least 1.")

@@ -80,6 +80,31 @@ class Concept:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def judge_spec(self, judge: str | None = None, options: str | dict | None = None) -> tuple[str, dict]:
+        """(judge name, options): the one rule every stage applies.
+
+        An explicit judge wins; explicit options (a dict or JSON text) win; otherwise the concept's options,
+        but only with the concept's own judge (its thresholds mean nothing to another judge).
+        """
+        name = judge or self.judge
+        if options is None:
+            return name, dict(self.judge_options) if name == self.judge else {}
+        return name, parse_options(options)
+
+
+def parse_options(options: str | dict) -> dict:
+    if isinstance(options, dict):
+        return dict(options)
+    import json
+
+    try:
+        parsed = json.loads(options)
+    except json.JSONDecodeError as exc:
+        raise UserError(f'--judge-options is not valid JSON ({exc}); write e.g. \'{{"preset": "rece9"}}\'.') from None
+    if not isinstance(parsed, dict):
+        raise UserError('--judge-options must be a JSON object, e.g. \'{"preset": "rece9"}\'.')
+    return parsed
+
 
 def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESETS.glob("*.yaml"))

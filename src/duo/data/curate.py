@@ -8,7 +8,6 @@ batch in flight and never duplicates a pair.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,8 +15,9 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from duo.data.concepts import Concept, load_concept
-from duo.data.files import append_jsonl, atomic_save_image, atomic_write_text, read_jsonl
+from duo.data.files import append_jsonl, atomic_save_image, read_jsonl
 from duo.errors import UserError
+from duo.runs import RunFolder, package_versions  # noqa: F401  (package_versions: older import path)
 
 log = logging.getLogger(__name__)
 MANIFEST = "pairs.jsonl"
@@ -39,7 +39,12 @@ class CurateConfig:
     guidance: float | None = field(default=None, metadata={"help": "classifier-free guidance scale"})
     resolution: int | None = field(default=None, metadata={"help": "image size (default: the model's native size)"})
     judge: str | None = field(
-        default=None, metadata={"help": "rejection-sampling judge: none, nudenet, shapes, clip, vlm"}
+        default=None,
+        metadata={"help": "rejection-sampling judge: none, nudenet, shapes, clip, vlm (default: concept's)"},
+    )
+    judge_options: str | None = field(
+        default=None,
+        metadata={"help": "judge options as JSON (default: the concept's, when the judge is the concept's own)"},
     )
     max_tries: int = field(default=8, metadata={"help": "draws per image before giving up"})
     require_match: bool = field(
@@ -49,6 +54,7 @@ class CurateConfig:
     dtype: str = field(default="float32", metadata={"help": "float32, float16 or bfloat16"})
     device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:1, ..."})
     allow_pickle: bool = field(default=False, metadata={"help": "allow loading pickled (.bin/.ckpt) weights"})
+    overwrite: bool = field(default=False, metadata={"help": "delete the run in --out and start afresh"})
 
     def validate(self) -> None:
         if self.pairs is not None and self.pairs < 1:
@@ -106,46 +112,28 @@ def plan_pairs(concept: Concept, cfg: CurateConfig) -> list[PairJob]:
 
 
 def resolved_settings(concept: Concept, cfg: CurateConfig) -> dict:
-    """Everything that decides the pixels; a resumed run must match it exactly."""
+    """Everything that decides the pixels (a resumed run must match it), and the concept's notes (which may change)."""
+    judge, judge_options = concept.judge_spec(cfg.judge, cfg.judge_options)
+    whole = concept.to_dict()
     return {
         # --pairs and --parts may change between runs: a pair's prompts and seeds depend only on its index.
         "model": cfg.model,
-        "concept": concept.to_dict(),
+        "concept": {k: v for k, v in whole.items() if k not in NOTES_FIELDS},
+        "concept_notes": {k: whole[k] for k in NOTES_FIELDS},
         "seed": cfg.seed,
         "strength": cfg.strength,
         "steps": cfg.steps or concept.steps,
         "guidance": cfg.guidance or concept.guidance,
         "resolution": cfg.resolution or concept.resolution,
-        "judge": cfg.judge or concept.judge,
-        "judge_options": concept.judge_options,
+        "judge": judge,
+        "judge_options": judge_options,
         "require_match": cfg.require_match,
         "dtype": cfg.dtype,
     }
 
 
 # Concept fields that do not decide any pixel: a resumed run may change them, and they are updated in place.
-METADATA_FIELDS = ("description", "unsafe_words", "neighbours", "train", "source")
-
-
-def _pixel_settings(settings: dict) -> dict:
-    concept = {k: v for k, v in settings["concept"].items() if k not in METADATA_FIELDS}
-    return json.loads(json.dumps({**settings, "concept": concept}))
-
-
-def _check_resume(out: Path, settings: dict) -> None:
-    path = out / CONFIG
-    if not path.is_file():
-        return
-    stored = json.loads(path.read_text())
-    previous, now = _pixel_settings(stored["settings"]), _pixel_settings(settings)
-    if previous != now:
-        changed = sorted(k for k in now if previous.get(k) != now.get(k))
-        raise UserError(
-            f"'{out}' holds pairs made with other settings (differs in: {', '.join(changed)}). "
-            "Use a new --out folder, or rerun with the original settings to resume."
-        )
-    if stored["settings"] != json.loads(json.dumps(settings)):
-        atomic_write_text(path, json.dumps({**stored, "settings": settings}, indent=2))
+NOTES_FIELDS = ("description", "unsafe_words", "neighbours", "train", "source")
 
 
 def curate(cfg: CurateConfig) -> Path:
@@ -154,11 +142,11 @@ def curate(cfg: CurateConfig) -> Path:
     concept = load_concept(cfg.concept)
     settings = resolved_settings(concept, cfg)
     out = Path(cfg.out)
-    _check_resume(out, settings)
+    run = RunFolder.claim(out, "curate", settings, overwrite=cfg.overwrite, volatile=("concept_notes",))
     manifest = out / MANIFEST
-    done = {r["id"] for r in read_jsonl(manifest, repair=True)}
+    done = {r["id"] for r in read_jsonl(manifest, repair=True)} if run.state == "resume" else set()
     jobs = [j for j in plan_pairs(concept, cfg) if j.id not in done]
-    if not jobs:
+    if not jobs and (run.previous or {}).get("finished") and run.previous["config"] == run.config:
         log.info("all %d pairs already in %s", len(done), manifest)
         return manifest
 
@@ -166,19 +154,22 @@ def curate(cfg: CurateConfig) -> Path:
     from duo.models.family import load_family
 
     # Load before writing anything, so that a bad model or judge leaves no half-made folder behind.
-    family = load_family(cfg.model, dtype=cfg.dtype, device=cfg.device, allow_pickle=cfg.allow_pickle)
-    judge = get_judge(settings["judge"], settings["judge_options"])
-    out.mkdir(parents=True, exist_ok=True)
-    if not (out / CONFIG).is_file():
-        atomic_write_text(out / CONFIG, json.dumps({"settings": settings, "versions": package_versions()}, indent=2))
-    gen = _Generator(family, judge, settings, cfg, out)
-    with tqdm(total=len(done) + len(jobs), initial=len(done), desc="curate pairs", unit="pair") as bar:
-        for start in range(0, len(jobs), cfg.batch_size):
-            batch = jobs[start : start + cfg.batch_size]
-            for record in gen.make_pairs(batch):
+    family = load_family(cfg.model, dtype=cfg.dtype, device=cfg.device, allow_pickle=cfg.allow_pickle) if jobs else None
+    judge = get_judge(settings["judge"], settings["judge_options"]) if jobs else None
+    run.start()
+    if jobs:
+        _make_all(_Generator(family, judge, settings, cfg, out), jobs, len(done), manifest, cfg.batch_size)
+    records = read_jsonl(manifest)
+    run.finish([MANIFEST] + [r[side]["file"] for r in records for side in ("unsafe", "safe")])
+    return manifest
+
+
+def _make_all(gen, jobs: list[PairJob], done: int, manifest: Path, batch_size: int) -> None:
+    with tqdm(total=done + len(jobs), initial=done, desc="curate pairs", unit="pair") as bar:
+        for start in range(0, len(jobs), batch_size):
+            for record in gen.make_pairs(jobs[start : start + batch_size]):
                 append_jsonl(manifest, record)
                 bar.update(1)
-    return manifest
 
 
 class _Generator:
@@ -287,10 +278,3 @@ def _verdict_dict(v) -> dict | None:
     if v is None:
         return None
     return {"present": v.present, "score": round(float(v.score), 5), "matches_prompt": v.matches_prompt}
-
-
-def package_versions() -> dict:
-    from importlib.metadata import version
-
-    names = ["duo-unlearn", "torch", "diffusers", "transformers", "peft", "accelerate"]
-    return {n: version(n) for n in names}

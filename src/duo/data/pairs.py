@@ -13,6 +13,7 @@ from duo.data.concepts import Concept, concept_from_dict
 from duo.data.curate import CONFIG, MANIFEST
 from duo.data.files import load_image, read_jsonl, sha256_file
 from duo.errors import UserError
+from duo.runs import RUN_FILE, read_run
 
 
 @dataclass
@@ -44,12 +45,39 @@ class PairSet:
         return len(self.records)
 
 
+def pairs_settings(folder: str | Path) -> dict | None:
+    """The settings a `duo curate` folder was made with (run.json, or a legacy curate.json), or None if it is
+    not a pairs folder: the one test of "is this a pairs folder" every stage uses."""
+    folder = Path(folder)
+    if not (folder / MANIFEST).is_file():
+        return None
+    run = read_run(folder)
+    if run is not None:
+        if run.get("kind") != "curate":
+            return None
+        config = dict(run["config"])
+        config["concept"] = {**config.get("concept", {}), **config.pop("concept_notes", {})}
+        return config
+    legacy = folder / CONFIG
+    return json.loads(legacy.read_text())["settings"] if legacy.is_file() else None
+
+
+def require_pairs(folder: str | Path) -> dict:
+    settings = pairs_settings(folder)
+    if settings is None:
+        raise UserError(f"'{folder}' is not a pairs folder (no {MANIFEST} and run.json). Make one with `duo curate`.")
+    return settings
+
+
+def pairs_concept(folder: str | Path) -> Concept:
+    """The concept the pairs were curated for, as it was then (not as the preset reads today)."""
+    return concept_from_dict(_concept_fields(require_pairs(folder)["concept"]), str(Path(folder) / RUN_FILE))
+
+
 def load_pairs(folder: str | Path, part: str | None = None) -> PairSet:
     folder = Path(folder)
-    manifest, config = folder / MANIFEST, folder / CONFIG
-    if not manifest.is_file() or not config.is_file():
-        raise UserError(f"'{folder}' is not a pairs folder (no {MANIFEST} / {CONFIG}). Make one with `duo curate`.")
-    concept = concept_from_dict(_concept_fields(json.loads(config.read_text())["settings"]["concept"]), str(config))
+    manifest = folder / MANIFEST
+    concept = pairs_concept(folder)
     records = sorted(read_jsonl(manifest), key=lambda r: r["id"])
     if part is not None:
         concept.part(part)  # fails clearly on an unknown part

@@ -7,7 +7,7 @@ from duo.errors import UserError
 # Imported only when asked for: importing duo.judges must not pull in transformers or onnxruntime.
 JUDGES = {
     "nudenet": "duo.judges.nudenet:NudeNetJudge",
-    "shapes": "duo.judges.shapes:ShapesJudge",
+    "shapes": "duo.shapes.concept_judge:ShapesJudge",
     "clip": "duo.judges.clip:ClipJudge",
     "vlm": "duo.judges.vlm:VlmJudge",
 }

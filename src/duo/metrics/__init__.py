@@ -1,9 +1,9 @@
 """Metrics over judged images: defense success rate with its interval, preservation distances, FID, LPIPS, CLIP."""
 
 from duo.metrics.clip_score import clip_score
-from duo.metrics.features import ClipFeatures, ShapesFeatures, get_features
+from duo.metrics.features import ClipFeatures, get_features
 from duo.metrics.fid import fid, frechet_distance
-from duo.metrics.lpips import LpipsVgg, ShapesLpips, get_lpips, load_lpips, lpips_distance
+from duo.metrics.lpips import LpipsVgg, get_lpips, load_lpips, lpips_distance
 from duo.metrics.rates import rate_with_interval
 from duo.metrics.similarity import feature_preservation
 
@@ -12,11 +12,9 @@ __all__ = [
     "feature_preservation",
     "frechet_distance",
     "fid",
-    "ShapesFeatures",
     "ClipFeatures",
     "get_features",
     "LpipsVgg",
-    "ShapesLpips",
     "load_lpips",
     "get_lpips",
     "lpips_distance",

@@ -1,8 +1,9 @@
 """Feature networks behind FID-style distances, each saying which network and which weights it used.
 
-`get_features("shapes")`: the Shapes judge's 128-d penultimate features (the Shapes world's Inception).
 `get_features("clip:<folder-or-hub-id>")`: CLIP's projected image embeddings from a user-supplied checkpoint.
-No weights are ever downloaded here; a hub id is only read from the local cache when HF_HUB_OFFLINE is set.
+`get_features("shapes")`: a world's own feature network (the Shapes judge's, its stand-in for Inception),
+found through duo.worlds only when asked for. No weights are ever downloaded here; a hub id is only read from
+the local cache when HF_HUB_OFFLINE is set.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from PIL import Image
 
 from duo.data.files import sha256_file
 from duo.errors import UserError
+from duo.worlds import WORLDS, world_named
 
 HASH_PREFIX = 16
 
@@ -48,37 +50,6 @@ def pil_images(images) -> list[Image.Image]:
         return [im.convert("RGB") for im in images]
     x = (image_batch(images) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     return [Image.fromarray(a) for a in x]
-
-
-class ShapesFeatures:
-    """The Shapes judge's penultimate ReLU features; images are resized to the judge's 32 px."""
-
-    name = "shapes"
-
-    def __init__(self, weights: str | Path | None = None) -> None:
-        self.weights = Path(weights) if weights else None
-
-    def net(self):
-        from duo.shapes.judge import load_judge
-
-        return load_judge(self.weights)
-
-    def features(self, images) -> torch.Tensor:
-        from duo.shapes.judge import features
-
-        return features(images, self.net())
-
-    def provenance(self) -> dict:
-        from duo.shapes.judge import FEATURE_DIM, JUDGE_VERSION, default_weights
-
-        path = self.weights or default_weights()
-        return {
-            "name": self.name,
-            "network": f"Shapes judge {JUDGE_VERSION}, penultimate layer (fc + ReLU, {FEATURE_DIM}-d)",
-            "input": "resized to 32x32, [0,1]",
-            "weights": str(path),
-            "sha256": sha256_prefix(path),
-        }
 
 
 def _offline_hint(ref: str) -> str:
@@ -163,13 +134,16 @@ class ClipFeatures:
 
 
 def get_features(spec: str):
-    """'shapes', 'shapes:<judge weights>' or 'clip:<folder-or-hub-id>' -> a feature backend."""
+    """'clip:<folder-or-hub-id>', or a world's network: 'shapes' or 'shapes:<judge weights>' -> a feature backend."""
     kind, _, arg = spec.partition(":")
-    if kind == "shapes":
-        return ShapesFeatures(arg or None)
     if kind == "clip" and arg:
         return ClipFeatures(arg)
+    world = world_named(kind)
+    if world is not None:
+        return world.features(arg or None)
+    worlds = ", ".join(f"'{w}'" for w in WORLDS)
     raise UserError(
-        f"unknown feature network '{spec}'; use 'shapes' (the Shapes judge) or 'clip:<folder-or-hub-id>' "
-        "(e.g. clip:openai/clip-vit-large-patch14, downloaded beforehand). Inception weights are not shipped."
+        f"unknown feature network '{spec}'; use {worlds} (a built-in world's own network) or "
+        "'clip:<folder-or-hub-id>' (e.g. clip:openai/clip-vit-large-patch14, downloaded beforehand). "
+        "Inception weights are not shipped."
     )

@@ -1,4 +1,4 @@
-"""LPIPS (Zhang et al. 2018, VGG variant, v0.1 heads) without torchvision, plus the Shapes world's stand-in.
+"""LPIPS (Zhang et al. 2018, VGG variant, v0.1 heads) without torchvision; a world's own stand-in by its name.
 
 Weight file: one safetensors file the user converts once from the public weights (nothing is downloaded):
   features.{i}.weight, features.{i}.bias  for i in 0 2 5 7 10 12 14 17 19 21 24 26 28
@@ -23,6 +23,7 @@ from torch import nn
 
 from duo.errors import UserError
 from duo.metrics.features import image_batch, sha256_prefix
+from duo.worlds import WORLDS, world_named
 
 VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 TAPS = {3: "relu1_2", 8: "relu2_2", 15: "relu3_3", 22: "relu4_3", 29: "relu5_3"}
@@ -147,53 +148,16 @@ def load_lpips(path: str | Path) -> LpipsVgg:
     return net
 
 
-class ShapesLpips:
-    """The LPIPS recipe over the Shapes judge's own conv blocks (no learned heads: channels summed)."""
-
-    name = "shapes-lpips"
-    blocks = (0, 1, 3, 4, 6)  # indices in ShapesNet.body of the five conv-BN-ReLU blocks
-
-    def __init__(self, weights: str | Path | None = None) -> None:
-        self.weights = Path(weights) if weights else None
-
-    def taps(self, x: torch.Tensor) -> list[torch.Tensor]:
-        from duo.shapes.judge import load_judge, to_tensor
-
-        h = (to_tensor(x) - 0.5) / 0.5  # the judge's own input normalisation
-        out = []
-        for i, layer in enumerate(load_judge(self.weights).body[: max(self.blocks) + 1]):
-            h = layer(h)
-            if i in self.blocks:
-                out.append(h)
-        return out
-
-    def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        layers = [layer_distance(fa, fb) for fa, fb in zip(self.taps(a), self.taps(b))]
-        return torch.stack(layers).mean(0)
-
-    def provenance(self) -> dict:
-        from duo.shapes.judge import JUDGE_VERSION, default_weights
-
-        path = self.weights or default_weights()
-        return {
-            "name": self.name,
-            "network": f"Shapes judge {JUDGE_VERSION}, intermediate features (body blocks {list(self.blocks)})",
-            "mode": "intermediate-features",
-            "recipe": "resize to 32 px; per block: unit-normalise channels, squared difference summed over "
-            "channels, spatial mean; mean over blocks (range 0..2)",
-            "weights": str(path),
-            "sha256": sha256_prefix(path),
-        }
-
-
 def get_lpips(spec: str):
-    """'shapes', 'shapes:<judge weights>' or 'vgg:<lpips safetensors file>' -> a distance network."""
+    """'vgg:<lpips safetensors file>', or a world's own network ('shapes', 'shapes:<judge weights>') -> a network."""
     kind, _, arg = spec.partition(":")
-    if kind == "shapes":
-        return ShapesLpips(arg or None)
     if kind == "vgg" and arg:
         return load_lpips(arg)
-    raise UserError(f"unknown LPIPS network '{spec}'; use 'shapes' or 'vgg:<converted weights.safetensors>'.")
+    world = world_named(kind)
+    if world is not None:
+        return world.lpips(arg or None)
+    worlds = ", ".join(f"'{w}'" for w in WORLDS)
+    raise UserError(f"unknown LPIPS network '{spec}'; use {worlds} or 'vgg:<converted weights.safetensors>'.")
 
 
 @torch.no_grad()

@@ -1,9 +1,14 @@
-"""Model families. Everything that differs between SD 1.x/2.x, SDXL and SD3 sits behind this interface."""
+"""Model families: `load_family` picks the adapter; `ModelFamily` (protocol.py) is all that callers may use."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from duo.errors import UserError
 from duo.models.loading import read_model_index, resolve_model_ref
+
+if TYPE_CHECKING:
+    from duo.models.protocol import ModelFamily
 
 FAMILIES = {
     "StableDiffusionPipeline": "duo.models.sd:StableDiffusionFamily",
@@ -12,7 +17,7 @@ FAMILIES = {
 PLANNED = {"StableDiffusionXLPipeline": "SDXL", "StableDiffusion3Pipeline": "SD3"}
 
 
-def load_family(ref: str, dtype: str = "float32", device: str = "cpu", allow_pickle: bool = False):
+def load_family(ref: str, dtype: str = "float32", device: str = "cpu", allow_pickle: bool = False) -> ModelFamily:
     """Load a pipeline and wrap it in the adapter of its family."""
     import importlib
 
@@ -34,9 +39,9 @@ def load_with_loras(
     device: str = "cpu",
     allow_pickle: bool = False,
     threads: int | None = None,
-):
+) -> ModelFamily:
     """The model a command works on: the family with its `DIR[:W]` LoRAs loaded (and torch's CPU threads set)."""
-    from duo.models.lora import parse_lora_spec
+    from duo.models.lora_spec import parse_lora_spec
 
     if threads:
         import torch

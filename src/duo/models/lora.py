@@ -57,14 +57,3 @@ def set_lora_state(unet: torch.nn.Module, state: dict[str, torch.Tensor]) -> Non
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
         raise ValueError(f"LoRA state does not fit this UNet: unexpected keys {unexpected[:3]}")
-
-
-def parse_lora_spec(spec: str) -> tuple[str, float]:
-    """'DIR' or 'DIR:WEIGHT' → (dir, weight)."""
-    head, sep, tail = spec.rpartition(":")
-    if sep and head:
-        try:
-            return head, float(tail)
-        except ValueError:
-            pass
-    return spec, 1.0

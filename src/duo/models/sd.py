@@ -12,6 +12,7 @@ from PIL import Image
 
 from duo.errors import UserError
 from duo.models.lora import SELF_ATTENTION
+from duo.models.sd_text import StableDiffusionText
 
 DTYPES = {
     "float32": torch.float32,
@@ -64,7 +65,9 @@ def images_to_tensor(images: list[Image.Image], size: int | None = None) -> torc
 
 
 @dataclass
-class StableDiffusionFamily:
+class StableDiffusionFamily(StableDiffusionText):
+    """The `ModelFamily` of SD 1.x/2.x; the text and token side lives in `StableDiffusionText`."""
+
     pipe: object
     ref: str
     device: str
@@ -119,14 +122,6 @@ class StableDiffusionFamily:
 
     # ---- training maths ----------------------------------------------------------------------
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        tok = self.pipe.tokenizer
-        ids = tok(
-            prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids.to(self.device)
-        return self.pipe.text_encoder(ids)[0]
-
-    @torch.no_grad()
     def encode_images(self, images: list[Image.Image], resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The VAE's latent distribution (mean, std), unscaled; cached by the trainer, sampled each step."""
         x = images_to_tensor(images, resolution).to(self.device, self.pipe.vae.dtype)
@@ -172,41 +167,6 @@ class StableDiffusionFamily:
 
     def denoise(self, unet, latents: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         return unet(latents.to(self.dtype), t, encoder_hidden_states=emb.to(self.dtype)).sample
-
-    # ---- text side (attacks) ----------------------------------------------------------------------
-    @property
-    def max_prompt_tokens(self) -> int:
-        """Token positions of a prompt, BOS and EOS included (77 for SD, 16 for Shapes)."""
-        return int(self.pipe.tokenizer.model_max_length)
-
-    @property
-    def token_embedding(self) -> torch.nn.Embedding:
-        return self.pipe.text_encoder.get_input_embeddings()
-
-    def vocabulary(self) -> dict[str, int]:
-        return dict(self.pipe.tokenizer.get_vocab())
-
-    def tokenize(self, prompts: list[str]) -> torch.Tensor:
-        tok = self.pipe.tokenizer
-        return tok(
-            prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids.to(self.device)
-
-    def encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        """Text-encoder hidden states for token ids; differentiable (gradient attacks hook the embedding)."""
-        return self.pipe.text_encoder(ids.to(self.device))[0]
-
-    def decode_ids(self, ids: list[int]) -> str:
-        return self.pipe.tokenizer.decode(ids, skip_special_tokens=True).strip()
-
-    def save_textual_inversion(self, path: Path, token: str, vectors: torch.Tensor) -> None:
-        """{token: (n, dim)} safetensors: loads with `pipe.load_textual_inversion(path, token=token)`."""
-        from safetensors.torch import save_file
-
-        save_file({token: vectors.detach().float().cpu().contiguous()}, str(path))
-
-    def load_textual_inversion(self, path: Path, token: str) -> None:
-        self.pipe.load_textual_inversion(str(path), token=token)
 
     # ---- generation --------------------------------------------------------------------------
     def _generators(self, seeds: list[int]) -> list[torch.Generator]:
@@ -351,11 +311,3 @@ class StableDiffusionFamily:
         """The text-to-image projections UCE edits: every cross-attention's value (and key) matrix."""
         wanted = ("attn2.to_v", "attn2.to_k") if with_keys else ("attn2.to_v",)
         return [(n, m) for n, m in self.unet.named_modules() if n.endswith(wanted)]
-
-    @torch.no_grad()
-    def prompt_states(self, texts: list[str]) -> tuple[torch.Tensor, list[int]]:
-        """Text-encoder states (N, L, D) and, per text, the position of its last word token (BOS = 0)."""
-        tok = self.pipe.tokenizer
-        enc = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
-        states = self.pipe.text_encoder(enc.input_ids.to(self.device))[0].float()
-        return states, [int(m.sum()) - 2 for m in enc.attention_mask]

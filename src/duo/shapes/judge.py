@@ -25,6 +25,7 @@ COLOUR_NAMES = list(COLOURS)
 HEADS = {"colour": COLOUR_NAMES, "shape": list(SHAPES), "background": list(BACKGROUNDS)}
 FEATURE_DIM = 128
 JUDGE_VERSION = "shapes-judge-1"
+FINETUNE_RECONSTRUCTIONS = 12_000  # renders reconstructed through the VAE for fine-tuning
 
 
 class ShapesNet(nn.Module):
@@ -124,6 +125,63 @@ def accuracy(net: ShapesNet, x: torch.Tensor, y: dict[str, torch.Tensor]) -> dic
     return {k: correct[k] / len(x) for k in HEADS}
 
 
+def _rendered(n: int, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    scenes, imgs = render_dataset(n, seed=seed, combos=ALL_COMBOS)
+    return torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255.0, _labels(scenes)
+
+
+def _pretrain(net: ShapesNet, x, y, steps: int, batch: int, g: torch.Generator, log, t0: float) -> None:
+    """Clean renders under augmentation, one-cycle schedule."""
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=max(0.1, 3.0 / steps))
+    for step in range(steps):
+        net.train()
+        idx = torch.randint(0, len(x), (batch,), generator=g)
+        loss = _step(net, opt, augment(x[idx], g), {k: v[idx] for k, v in y.items()})
+        sched.step()
+        if (step + 1) % 250 == 0 or step + 1 == steps:
+            log(f"judge step {step + 1}/{steps} loss {loss:.4f} ({time.time() - t0:.0f}s)")
+
+
+def _finetune(net: ShapesNet, x, y, rec, n_rec: int, steps: int, batch: int, g, log, t0: float) -> None:
+    """Half augmented clean renders, half VAE reconstructions of the first n_rec renders, per batch."""
+    opt = torch.optim.AdamW(net.parameters(), lr=5e-4, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    half = batch // 2
+    for step in range(steps):
+        net.train()
+        i1 = torch.randint(0, len(x), (half,), generator=g)
+        i2 = torch.randint(0, n_rec, (half,), generator=g)
+        xb = torch.cat([augment(x[i1], g), rec[i2]])
+        yb = {k: torch.cat([v[i1], v[i2]]) for k, v in y.items()}
+        loss = _step(net, opt, xb, yb)
+        sched.step()
+        if (step + 1) % 200 == 0 or step + 1 == steps:
+            log(f"judge fine-tune step {step + 1}/{steps} loss {loss:.4f} ({time.time() - t0:.0f}s)")
+
+
+@torch.no_grad()
+def _reconstructions(reconstruct: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, n: int) -> torch.Tensor:
+    """Reconstructions of x's first n images in batches of 256; the last batch may run past n (the shipped
+    judge was trained so, and a batch's size can change a convolution's last bits on CPU)."""
+    return torch.cat([reconstruct(x[i : i + 256]) for i in range(0, n, 256)]).clamp(0, 1)
+
+
+def save_judge(net: ShapesNet, out_path: str | Path, scores: dict, seed: int) -> None:
+    from safetensors.torch import save_file
+
+    net.eval()
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_suffix(".tmp")
+    # one metadata key: safetensors writes several keys in varying order, one keeps the file bytes stable
+    meta = {
+        "duo": json.dumps({"version": JUDGE_VERSION, "heads": HEADS, "accuracy": scores, "seed": seed}, sort_keys=True)
+    }
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp), metadata=meta)
+    tmp.replace(out_path)
+
+
 def train_judge(
     out_path: str | Path,
     seed: int = 0,
@@ -139,65 +197,24 @@ def train_judge(
     reconstruct: maps images [N,3,32,32] in [0,1] to their VAE reconstructions; when given, the judge
     is fine-tuned on a 50/50 mix of clean renders and reconstructions.
     """
-    from safetensors.torch import save_file
-
     t0 = time.time()
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    scenes, imgs = render_dataset(n_images, seed=10_000 + seed, combos=ALL_COMBOS)
-    x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255.0
-    y = _labels(scenes)
-    vscenes, vimgs = render_dataset(1500, seed=20_000 + seed, combos=ALL_COMBOS)
-    vx = torch.from_numpy(vimgs).permute(0, 3, 1, 2).float() / 255.0
-    vy = _labels(vscenes)
-
+    x, y = _rendered(n_images, 10_000 + seed)
+    vx, vy = _rendered(1500, 20_000 + seed)
     net = ShapesNet()
-    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=max(0.1, 3.0 / steps))
-    for step in range(steps):
-        net.train()
-        idx = torch.randint(0, len(x), (batch,), generator=g)
-        loss = _step(net, opt, augment(x[idx], g), {k: v[idx] for k, v in y.items()})
-        sched.step()
-        if (step + 1) % 250 == 0 or step + 1 == steps:
-            log(f"judge step {step + 1}/{steps} loss {loss:.4f} ({time.time() - t0:.0f}s)")
-    acc_clean = accuracy(net, vx, vy)
-    log(f"judge clean accuracy after pre-training: {json.dumps(acc_clean)}")
-
-    result = {"clean": acc_clean}
+    _pretrain(net, x, y, steps, batch, g, log, t0)
+    result = {"clean": accuracy(net, vx, vy)}
+    log(f"judge clean accuracy after pre-training: {json.dumps(result['clean'])}")
     if reconstruct is not None and finetune_steps > 0:
-        nrec = min(len(x), 12_000)
-        with torch.no_grad():
-            rec = torch.cat([reconstruct(x[i : i + 256]) for i in range(0, nrec, 256)]).clamp(0, 1)
-            vrec = torch.cat([reconstruct(vx[i : i + 256]) for i in range(0, len(vx), 256)]).clamp(0, 1)
+        n_rec = min(len(x), FINETUNE_RECONSTRUCTIONS)
+        rec, vrec = _reconstructions(reconstruct, x, n_rec), _reconstructions(reconstruct, vx, len(vx))
         log(f"judge reconstruction accuracy before fine-tuning: {json.dumps(accuracy(net, vrec, vy))}")
-        opt = torch.optim.AdamW(net.parameters(), lr=5e-4, weight_decay=1e-4)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, finetune_steps)
-        half = batch // 2
-        for step in range(finetune_steps):
-            net.train()
-            i1 = torch.randint(0, len(x), (half,), generator=g)
-            i2 = torch.randint(0, nrec, (half,), generator=g)
-            xb = torch.cat([augment(x[i1], g), rec[i2]])
-            yb = {k: torch.cat([v[i1], v[i2]]) for k, v in y.items()}
-            loss = _step(net, opt, xb, yb)
-            sched.step()
-            if (step + 1) % 200 == 0 or step + 1 == finetune_steps:
-                log(f"judge fine-tune step {step + 1}/{finetune_steps} loss {loss:.4f} ({time.time() - t0:.0f}s)")
+        _finetune(net, x, y, rec, n_rec, finetune_steps, batch, g, log, t0)
         result["clean"] = accuracy(net, vx, vy)
         result["vae_reconstruction"] = accuracy(net, vrec, vy)
     log(f"judge final accuracy: {json.dumps(result)} ({time.time() - t0:.0f}s)")
-
-    net.eval()
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_suffix(".tmp")
-    # one metadata key: safetensors writes several keys in varying order, one keeps the file bytes stable
-    meta = {
-        "duo": json.dumps({"version": JUDGE_VERSION, "heads": HEADS, "accuracy": result, "seed": seed}, sort_keys=True)
-    }
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp), metadata=meta)
-    tmp.replace(out_path)
+    save_judge(net, out_path, result, seed)
     return result
 
 

@@ -1,14 +1,23 @@
-"""Python entry points of training: resolve defaults from the pairs' concept, then train."""
+"""Python entry points of training: resolve defaults from the pairs' concept, then run the method's recipe.
+
+    cfg = resolve_config(model=..., data=..., out=..., method="esd-x", steps=500)
+    out = train(cfg)   # the LoRA folder
+
+The gradient methods share one recipe (duo.train.loop: setup → train → save); UCE is a closed form with
+its own (duo.train.uce). Neither imports the other: this module is where the method picks its recipe.
+"""
 
 from __future__ import annotations
 
-import json
+from collections.abc import Callable
 from pathlib import Path
 
-from duo.data.curate import CONFIG
+from duo.data.pairs import require_pairs
 from duo.errors import UserError
 from duo.train.config import TrainConfig, config_with_concept_defaults
-from duo.train.loop import train
+from duo.train.outputs import LORA_FILE
+
+__all__ = ["LORA_FILE", "RECIPES", "resolve_config", "train", "train_from_flags"]
 
 
 def resolve_config(**explicit) -> TrainConfig:
@@ -17,13 +26,41 @@ def resolve_config(**explicit) -> TrainConfig:
     data = explicit.get("data")
     if not data:
         raise UserError("--data is required: the pairs folder written by `duo curate`")
-    config_path = Path(data) / CONFIG
-    if not config_path.is_file():
-        raise UserError(f"'{data}' is not a pairs folder (no {CONFIG}). Make one with `duo curate`.")
-    concept_train = json.loads(config_path.read_text())["settings"]["concept"].get("train", {}) or {}
+    concept_train = require_pairs(data)["concept"].get("train", {}) or {}
     cfg = config_with_concept_defaults(explicit, concept_train)
     cfg.validate()
     return cfg
+
+
+def run_loop(cfg: TrainConfig) -> Path:
+    from duo.train import loop  # torch and diffusers load only when something is trained
+
+    state = loop.setup(cfg)
+    try:
+        loop.train(state)
+        return loop.save(state)
+    finally:
+        loop.cleanup(state)
+
+
+def run_uce(cfg: TrainConfig) -> Path:
+    from duo.train import uce
+
+    return uce.edit(cfg)
+
+
+RECIPES: dict[str, Callable[[TrainConfig], Path]] = {
+    "duo": run_loop,
+    "esd-u": run_loop,
+    "esd-x": run_loop,
+    "uce": run_uce,
+}
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Train (or, for UCE, compute) the unlearning LoRA of cfg.method into cfg.out; returns that folder."""
+    cfg.validate()
+    return RECIPES[cfg.method](cfg)
 
 
 def train_from_flags(explicit: dict) -> Path:

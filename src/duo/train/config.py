@@ -1,4 +1,15 @@
-"""`duo train` settings: every knob of SPEC §3, typed, defaulted to the authors' values, validated early."""
+"""`duo train` settings: every knob of SPEC §3, typed, defaulted to the authors' values, validated early.
+
+Each method declares its own settings (`DuoConfig`, `EsdConfig`, `UceConfig`); `RunConfig` holds what every
+method takes and `LoopConfig` what the training loop of the gradient methods takes. `METHODS` names, per
+`--method`, which of these a method reads, so a flag belongs to the methods whose configs declare it and a
+flag of another method set away from its default is refused before anything is read.
+
+`TrainConfig` is their union: the flag surface of `duo train`, the keyword arguments of `resolve_config`
+and the flat keys of config.json and run.json (other stages read those keys, and old folders hold them).
+The parts declare fields and derived values only, never same-named behaviour, so the union inherits no
+method-specific code by accident; checks live in `PART_CHECKS`, keyed by the part that owns the fields.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +17,6 @@ import math
 from dataclasses import dataclass, field, fields
 
 from duo.errors import UserError
-from duo.objectives import coupled_hparams
 
 
 def _f(default, help: str, **kw):
@@ -14,25 +24,13 @@ def _f(default, help: str, **kw):
 
 
 @dataclass
-class TrainConfig:
-    model: str = _f(None, "diffusers pipeline: hub id, local folder, or 'shapes'")
-    data: str = _f(None, "pairs folder written by `duo curate`")
-    out: str = _f(None, "output folder for the LoRA, checkpoints and metrics")
-    method: str = _f(
-        "duo",
-        "duo (pairs, preference loss); esd-u / esd-x (ESD's negative guidance on the non-cross-attention / "
-        "cross-attention layers); uce (closed-form edit of the cross-attention keys and values, no training)",
-        choices=["duo", "esd-u", "esd-x", "uce"],
-    )
-    part: str | None = _f(None, "train on this concept part only (violence: one LoRA per part)")
-    steps: int = _f(1000, "optimizer steps (authors: 1000 nudity, 500 per violence part)")
+class DuoConfig:
+    """DUO (Park et al., NeurIPS 2024): preference for each pair's safe image, plus the keep term."""
+
     beta: float = _f(500.0, "β of L_pref = −log σ(−β(Δ⁺ − Δ⁻)); no ½ factor (DUO β=500 = Diffusion-DPO β=1000)")
-    lr: float | None = _f(None, "learning rate (default: base_lr·100/β)")
     lam: float | None = _f(None, "λ, weight of the keep term (default: base_λ·β/100)")
     base_lr: float = _f(3e-4, "base of the lr coupling lr = base_lr·100/β")
     base_lambda: float = _f(1e6, "base of the λ coupling λ = base_λ·β/100")
-    t_min: int | None = _f(None, "lowest preference timestep (default 0)")
-    t_max: int | None = _f(None, "preference timesteps are drawn in [t_min, t_max) (default: SDEdit strength·T)")
     timesteps: str = _f(
         "independent",
         "t⁺, t⁻ drawn independently (authors) or shared per pair (Diffusion-DPO)",
@@ -56,27 +54,85 @@ class TrainConfig:
         "prompts of the retain term: each pair's safe prompt, or the concept's neighbours",
         choices=["safe", "neighbours"],
     )
-    eta: float = _f(1.0, "ESD: negative guidance η of the target ε(c∅) − η·(ε(c) − ε(c∅))")
+
+    @property
+    def coupled_lr(self) -> float:
+        from duo.objectives import coupled_hparams  # torch: not needed to parse flags
+
+        return coupled_hparams(self.beta, self.base_lr, self.base_lambda)[0]
+
+    @property
+    def resolved_lam(self) -> float:
+        from duo.objectives import coupled_hparams
+
+        return self.lam if self.lam is not None else coupled_hparams(self.beta, self.base_lr, self.base_lambda)[1]
+
+    @property
+    def resolved_lam_retain(self) -> float:
+        return self.lam_retain if self.lam_retain is not None else self.resolved_lam
+
+
+@dataclass
+class EsdConfig:
+    """ESD (Gandikota et al., ICCV 2023): the concept's prediction trained toward negative guidance."""
+
+    eta: float = _f(1.0, "negative guidance η of the target ε(c∅) − η·(ε(c) − ε(c∅))")
     esd_prompts: str = _f(
         "words",
-        "ESD: the concept prompts c: each unsafe word alone (authors: the concept's name), or the pairs' unsafe "
-        "prompts",
+        "the concept prompts c: each unsafe word alone (authors: the concept's name), or the pairs' unsafe prompts",
         choices=["words", "unsafe"],
     )
-    uce_guide: str = _f("", "UCE: the text the concept's words are mapped to (authors: empty)")
+
+
+@dataclass
+class UceConfig:
+    """UCE (Gandikota et al., WACV 2024): closed-form edit of the cross-attention projections, no training."""
+
+    uce_guide: str = _f("", "the text the concept's words are mapped to (authors: empty)")
     uce_erase: str = _f(
         "words",
-        "UCE: what is mapped: each unsafe word to --uce-guide (authors), or each pair's unsafe prompt "
-        "to its safe prompt",
+        "what is mapped: each unsafe word to --uce-guide (authors), or each pair's unsafe prompt to its safe prompt",
         choices=["words", "prompts"],
     )
-    uce_preserve: str = _f(
-        "neighbours", "UCE: texts kept in place besides the empty prompt", choices=["neighbours", "none"]
+    uce_preserve: str = _f("neighbours", "texts kept in place besides the empty prompt", choices=["neighbours", "none"])
+    uce_lambda: float = _f(0.1, "λ, weight of staying close to the original projection W")
+    erase_scale: float = _f(1.0, "weight of the erased texts")
+    preserve_scale: float = _f(0.1, "weight of the preserved texts")
+    uce_keys: bool = _f(True, "edit the key projections W_k as well as the values W_v")
+
+
+# LoRA lr of ESD here: the authors' 1e-5 is for full fine-tuning; a LoRA needs more (docs/baselines.md).
+ESD_LR = 1e-4
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What `--method NAME` selects: the config of its own settings and whether the loop trains it."""
+
+    config: type
+    trained: bool  # optimised by the training loop, so LoopConfig's flags apply (UCE is a closed form)
+    summary: str
+    default_lr: float | None = None  # None: DUO's coupling lr = base_lr·100/β
+
+
+METHODS = {
+    "duo": MethodSpec(DuoConfig, True, "pairs, preference loss"),
+    "esd-u": MethodSpec(EsdConfig, True, "ESD's negative guidance on the non-cross-attention layers", ESD_LR),
+    "esd-x": MethodSpec(EsdConfig, True, "ESD's negative guidance on the cross-attention layers", ESD_LR),
+    "uce": MethodSpec(UceConfig, False, "closed-form edit of the cross-attention keys and values, no training"),
+}
+
+
+@dataclass
+class LoopConfig:
+    """The training loop of the gradient methods: optimizer, batches, LoRA, checkpoints."""
+
+    steps: int = _f(1000, "optimizer steps (authors: 1000 nudity, 500 per violence part)")
+    lr: float | None = _f(None, "learning rate (default: DUO base_lr·100/β; ESD 1e-4)")
+    t_min: int | None = _f(None, "lowest training timestep (default 0)")
+    t_max: int | None = _f(
+        None, "timesteps are drawn in [t_min, t_max) (default: DUO SDEdit strength·T; ESD every step)"
     )
-    uce_lambda: float = _f(0.1, "UCE: λ, weight of staying close to the original projection")
-    erase_scale: float = _f(1.0, "UCE: weight of the erased texts")
-    preserve_scale: float = _f(0.1, "UCE: weight of the preserved texts")
-    uce_keys: bool = _f(True, "UCE: edit the key projections as well as the values")
     rank: int = _f(32, "LoRA rank")
     alpha: float = _f(32.0, "LoRA alpha")
     targets: str | None = _f(
@@ -89,9 +145,23 @@ class TrainConfig:
     mixed_precision: str = _f("no", "no, fp16 or bf16 (LoRA weights stay fp32)", choices=["no", "fp16", "bf16"])
     grad_clip: float = _f(1.0, "max gradient norm")
     weight_decay: float = _f(1e-2, "AdamW weight decay")
-    seed: int = _f(42, "seed of LoRA init and every random draw")
     checkpoint_every: int = _f(250, "steps between checkpoints")
     resume: bool = _f(False, "continue the run in --out from its last checkpoint")
+    tracker: str | None = _f(None, "accelerate tracker (tensorboard, wandb, ...); none by default")
+
+
+@dataclass
+class RunConfig:
+    """The model, the pairs, the output folder and the machine."""
+
+    model: str = _f(None, "diffusers pipeline: hub id, local folder, or 'shapes'")
+    data: str = _f(None, "pairs folder written by `duo curate`")
+    out: str = _f(None, "output folder for the LoRA, checkpoints and metrics")
+    method: str = _f(
+        "duo", "; ".join(f"{name}: {spec.summary}" for name, spec in METHODS.items()), choices=list(METHODS)
+    )
+    part: str | None = _f(None, "train on this concept part only (violence: one LoRA per part)")
+    seed: int = _f(42, "seed of LoRA init and every random draw")
     overwrite: bool = _f(False, "delete what --out holds and start afresh")
     fuse: bool = _f(False, "also write the full pipeline with the LoRA fused into the weights")
     device: str | None = _f(None, "cpu or cuda (default: what accelerate picks)")
@@ -100,68 +170,64 @@ class TrainConfig:
         "CPU threads for torch (default: torch's choice); 1 per process when "
         "several jobs share a small CPU, or they slow each other down several-fold",
     )
-    tracker: str | None = _f(None, "accelerate tracker (tensorboard, wandb, ...); none by default")
     allow_pickle: bool = _f(False, "allow loading pickled (.bin/.ckpt) weights")
+
+
+def method_parts(method: str) -> tuple[type, ...]:
+    """The configs whose flags --method `method` takes."""
+    spec = METHODS[method]
+    return (RunConfig, LoopConfig, spec.config) if spec.trained else (RunConfig, spec.config)
+
+
+def owners(name: str) -> list[str]:
+    """The methods that take the setting `name`."""
+    return [m for m in METHODS if any(name in {f.name for f in fields(p)} for p in method_parts(m))]
+
+
+def flag_groups() -> list[tuple[str, type]]:
+    """(title, config) per group of `duo train --help`: what every method takes, the loop's, each method's."""
+    trained = [m for m, s in METHODS.items() if s.trained]
+    groups = [("every method", RunConfig), (f"training loop ({', '.join(trained)})", LoopConfig)]
+    for config in dict.fromkeys(s.config for s in METHODS.values()):
+        groups.append((" / ".join(m for m, s in METHODS.items() if s.config is config), config))
+    return groups
+
+
+@dataclass
+class TrainConfig(UceConfig, EsdConfig, DuoConfig, LoopConfig, RunConfig):
+    """Every part's fields in one flat record (bases listed in reverse so that RunConfig's come first)."""
+
+    @property
+    def spec(self) -> MethodSpec:
+        return METHODS[self.method]
 
     @property
     def resolved_lr(self) -> float:
         if self.lr is not None:
             return self.lr
-        if self.method.startswith("esd"):
-            return ESD_LR
-        return coupled_hparams(self.beta, self.base_lr, self.base_lambda)[0]
-
-    @property
-    def resolved_lam(self) -> float:
-        return self.lam if self.lam is not None else coupled_hparams(self.beta, self.base_lr, self.base_lambda)[1]
-
-    @property
-    def resolved_lam_retain(self) -> float:
-        return self.lam_retain if self.lam_retain is not None else self.resolved_lam
+        return self.spec.default_lr if self.spec.default_lr is not None else self.coupled_lr
 
     def validate(self) -> None:
         """Reject bad values and invalid combinations before any model loads."""
-        for name in ("model", "data", "out"):
-            if not getattr(self, name):
-                raise UserError(f"--{name} is required")
+        self.check_method_flags()
         for f in fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
-                raise UserError(f"--{f.name.replace('_', '-')} must be one of {choices}, got {getattr(self, f.name)!r}")
-        checks = [
-            (self.beta > 0 and math.isfinite(self.beta), f"β must be a positive number, got {self.beta}"),
-            (self.steps >= 1, "--steps must be at least 1"),
-            (self.rank >= 1 and self.alpha > 0, "--rank must be ≥ 1 and --alpha > 0"),
-            (self.batch_size >= 1 and self.grad_accum >= 1, "--batch-size and --grad-accum must be ≥ 1"),
-            (self.checkpoint_every >= 1, "--checkpoint-every must be ≥ 1"),
-            (self.threads is None or self.threads >= 1, "--threads must be ≥ 1"),
-            (self.lr is None or self.lr > 0, "--lr must be positive"),
-            (self.lam is None or self.lam >= 0, "--lam must be ≥ 0"),
-            (self.grad_clip > 0, "--grad-clip must be positive"),
-            (not (self.resume and self.overwrite), "--resume and --overwrite exclude each other: pick one"),
-            (
-                self.keep == "noise+retain" or (self.lam_retain is None and self.retain_prompts == "safe"),
-                "--lam-retain and --retain-prompts only apply with --keep noise+retain",
-            ),
-            (self.t_min is None or self.t_min >= 0, "--t-min must be ≥ 0"),
-            (self.t_min is None or self.t_max is None or self.t_min < self.t_max, "--t-min must be below --t-max"),
-            (
-                not (self.mixed_precision == "fp16" and self.device == "cpu"),
-                "fp16 mixed precision needs a GPU; on CPU use --mixed-precision bf16 or no",
-            ),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UserError(message)
-        self.check_method_flags()
+                raise UserError(f"--{_flag(f.name)} must be one of {choices}, got {getattr(self, f.name)!r}")
+        for part in method_parts(self.method):
+            for ok, message in PART_CHECKS.get(part, lambda c: [])(self):
+                if not ok:
+                    raise UserError(message)
 
     def check_method_flags(self) -> None:
         """A flag of another method set away from its default is a mistake, not something to ignore."""
-        defaults = {f.name: f.default for f in fields(self)}
-        for name, methods in METHOD_ONLY.items():
-            if self.method not in methods and getattr(self, name) != defaults[name]:
+        if self.method not in METHODS:
+            raise UserError(f"--method must be one of {list(METHODS)}, got {self.method!r}")
+        mine = {f.name for part in method_parts(self.method) for f in fields(part)}
+        for f in fields(self):
+            if f.name not in mine and getattr(self, f.name) != f.default:
                 raise UserError(
-                    f"--{name.replace('_', '-')} applies to --method {' / '.join(methods)}, not {self.method}; drop it."
+                    f"--{_flag(f.name)} applies to --method {' / '.join(owners(f.name))}, not {self.method}; drop it."
                 )
 
     def to_dict(self) -> dict:
@@ -170,28 +236,49 @@ class TrainConfig:
         return d
 
 
-# LoRA lr of ESD here: the authors' 1e-5 is for full fine-tuning; a LoRA needs more (docs/baselines.md).
-ESD_LR = 1e-4
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
 
-_GRADIENT = ("duo", "esd-u", "esd-x")
-_UCE_FLAGS = ("uce_guide", "uce_erase", "uce_preserve", "uce_lambda", "erase_scale", "preserve_scale", "uce_keys")
-_DUO_FLAGS = (
-    "beta", "lam", "base_lr", "base_lambda", "timesteps", "conditioning", "keep", "lam_retain", "retain_prompts",
-)  # fmt: skip
-_LOOP_FLAGS = (
-    "steps", "lr", "t_min", "t_max", "rank", "alpha", "targets", "batch_size", "grad_accum", "mixed_precision",
-    "grad_clip", "weight_decay", "checkpoint_every", "resume", "tracker",
-)  # fmt: skip
-METHOD_ONLY = {
-    **{k: ("duo",) for k in _DUO_FLAGS},
-    "eta": ("esd-u", "esd-x"),
-    "esd_prompts": ("esd-u", "esd-x"),
-    **{k: ("uce",) for k in _UCE_FLAGS},
-    **{k: _GRADIENT for k in _LOOP_FLAGS},
-}
+
+def _run_checks(c: TrainConfig) -> list[tuple[bool, str]]:
+    return [(bool(getattr(c, name)), f"--{name} is required") for name in ("model", "data", "out")] + [
+        (c.threads is None or c.threads >= 1, "--threads must be ≥ 1"),
+    ]
+
+
+def _loop_checks(c: TrainConfig) -> list[tuple[bool, str]]:
+    return [
+        (c.steps >= 1, "--steps must be at least 1"),
+        (c.rank >= 1 and c.alpha > 0, "--rank must be ≥ 1 and --alpha > 0"),
+        (c.batch_size >= 1 and c.grad_accum >= 1, "--batch-size and --grad-accum must be ≥ 1"),
+        (c.checkpoint_every >= 1, "--checkpoint-every must be ≥ 1"),
+        (c.lr is None or c.lr > 0, "--lr must be positive"),
+        (c.grad_clip > 0, "--grad-clip must be positive"),
+        (not (c.resume and c.overwrite), "--resume and --overwrite exclude each other: pick one"),
+        (c.t_min is None or c.t_min >= 0, "--t-min must be ≥ 0"),
+        (c.t_min is None or c.t_max is None or c.t_min < c.t_max, "--t-min must be below --t-max"),
+        (
+            not (c.mixed_precision == "fp16" and c.device == "cpu"),
+            "fp16 mixed precision needs a GPU; on CPU use --mixed-precision bf16 or no",
+        ),
+    ]
+
+
+def _duo_checks(c: TrainConfig) -> list[tuple[bool, str]]:
+    return [
+        (c.beta > 0 and math.isfinite(c.beta), f"β must be a positive number, got {c.beta}"),
+        (c.lam is None or c.lam >= 0, "--lam must be ≥ 0"),
+        (
+            c.keep == "noise+retain" or (c.lam_retain is None and c.retain_prompts == "safe"),
+            "--lam-retain and --retain-prompts only apply with --keep noise+retain",
+        ),
+    ]
+
+
+PART_CHECKS = {RunConfig: _run_checks, LoopConfig: _loop_checks, DuoConfig: _duo_checks}
 
 # Settings a resumed run may change: the rest must equal the first run's.
-RESUMABLE_CHANGES = {
+RESUMABLE_CHANGES = (
     "steps",
     "resume",
     "overwrite",
@@ -201,7 +288,7 @@ RESUMABLE_CHANGES = {
     "device",
     "allow_pickle",
     "threads",
-}
+)
 
 
 def config_with_concept_defaults(explicit: dict, concept_train: dict) -> TrainConfig:

@@ -1,12 +1,21 @@
-"""The training loop: setup → steps → checkpoint → save. One loop; the objective is what plugs in."""
+"""The training recipe of the gradient methods (DUO, ESD-u, ESD-x): setup → train → save → cleanup.
+
+    state = setup(cfg)     # pairs, model, LoRA, method, optimizer, checkpoint restored; the folder claimed
+    train(state)           # the optimizer steps, metrics.jsonl, checkpoints
+    save(state)            # the LoRA, its card, the fused pipeline (--fuse); run.json records the outputs
+    cleanup(state)
+
+One loop: the objective is what plugs in (`duo.train.methods`). UCE trains nothing and is its own recipe
+(`duo.train.uce`); `duo.train.api.train(cfg)` runs whichever cfg.method needs.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,113 +25,98 @@ from duo.data.files import append_jsonl, atomic_write_text, read_jsonl
 from duo.data.pairs import PairSet, load_pairs
 from duo.errors import UserError
 from duo.models.lora import attach_lora, get_lora_state, lora_parameters, set_lora_state
-from duo.train.card import write_model_card
+from duo.runs import RunFolder
 from duo.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from duo.train.config import RESUMABLE_CHANGES, TrainConfig
+from duo.train.config import TrainConfig
 from duo.train.methods import check_method, make_method
+from duo.train.outputs import LORA_FILE, METRICS_FILE, OUTPUTS, claim_folder, write_config, write_lora_folder
 
 log = logging.getLogger(__name__)
-LORA_FILE = "pytorch_lora_weights.safetensors"
+# LORA_FILE lives in duo.train.outputs; it stays importable here for callers written before that module.
+__all__ = ["LORA_FILE", "TrainState", "cleanup", "optimizer_step", "save", "setup", "train"]
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Train an unlearning LoRA with cfg.method; returns the output folder. Resumes with cfg.resume."""
+@dataclass
+class TrainState:
+    """Everything a run holds between the verbs."""
+
+    cfg: TrainConfig
+    pairs: PairSet
+    folder: RunFolder
+    accelerator: object
+    family: object
+    method: object  # a duo.train.methods method: draw(step, G) and micro_loss(unet, acc, draws)
+    unet: torch.nn.Module  # as prepared by accelerate (wrapped for DDP on several processes)
+    optimizer: torch.optim.Optimizer
+    params: list[torch.nn.Parameter]
+    start: int  # the first step to run: 0, or that of the restored checkpoint
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out)
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.batch_size * self.cfg.grad_accum * self.accelerator.num_processes
+
+
+def setup(cfg: TrainConfig, make=make_method) -> TrainState:
+    """Claim --out, load pairs and model, attach the LoRA, build the method and optimizer, restore a checkpoint.
+
+    make(cfg, family, pairs, device) builds the method (default: cfg.method's). Nothing is written, or deleted
+    with --overwrite, until the model loaded and the method accepted the pairs.
+    """
     cfg.validate()
-    if cfg.method == "uce":  # a closed form, not a loop
-        from duo.train.uce import edit
-
-        return edit(cfg)
+    if not cfg.spec.trained:
+        raise ValueError(f"--method {cfg.method} is not trained by the loop; run it with duo.train.api.train")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     pairs = load_pairs(cfg.data, cfg.part)
-    out = Path(cfg.out)
-    check_out_folder(cfg, out)
-
-    from accelerate import Accelerator
-
-    # Without cpu=True accelerate ignores a multi-process launch on a machine with no GPU.
-    on_cpu = cfg.device == "cpu" or (cfg.device is None and not torch.cuda.is_available())
-    accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision, cpu=on_cpu, log_with=cfg.tracker, project_dir=str(out)
-    )
+    folder = claim_folder(cfg)
+    accelerator = _accelerator(cfg)
     from duo.models.family import load_family
 
     weight_dtype = {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}[cfg.mixed_precision]
     family = load_family(cfg.model, dtype=weight_dtype, device=str(accelerator.device), allow_pickle=cfg.allow_pickle)
     check_method(cfg, family, pairs)
-    # Only now that the model loaded is anything written (or, with --overwrite, deleted).
-    if accelerator.is_main_process:
-        if cfg.overwrite and out.exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
-        run_shape = {
-            "processes": accelerator.num_processes,
-            "pairs_per_step": cfg.batch_size * cfg.grad_accum * accelerator.num_processes,
-        }
-        atomic_write_text(out / "config.json", json.dumps({**cfg.to_dict(), **run_shape}, indent=2))
-    accelerator.wait_for_everyone()
-
     torch.manual_seed(cfg.seed)
     attach_lora(family.unet, cfg.rank, cfg.alpha, cfg.targets or family.lora_targets(cfg.method))
-    method = make_method(cfg, family, pairs, accelerator.device)
+    method = make(cfg, family, pairs, accelerator.device)
     family.offload_encoders()  # only the UNet is needed from here on
+    _start(folder, cfg, accelerator)
     params = lora_parameters(family.unet)
     optimizer = torch.optim.AdamW(
         params, lr=cfg.resolved_lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay
     )
-    start = _restore(cfg, out, family.unet, optimizer)
+    start = _restore(cfg, family.unet, optimizer)
     if accelerator.is_main_process:
-        _truncate_metrics(out, start)  # a resumed run rewrites the steps after its checkpoint
+        _truncate_metrics(Path(cfg.out), start)  # a resumed run rewrites the steps after its checkpoint
     unet, optimizer = accelerator.prepare(family.unet, optimizer)
     if cfg.tracker:
         accelerator.init_trackers("duo", config={k: v for k, v in cfg.to_dict().items() if v is not None})
-
-    run = _Run(cfg, method, accelerator, unet, optimizer, params)
-    metrics_path = out / "metrics.jsonl"
-    bar = tqdm(
-        range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", disable=not accelerator.is_main_process
-    )
-    for step in bar:
-        metrics = run.step(step)
-        if accelerator.is_main_process:
-            append_jsonl(metrics_path, metrics)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", **{method.shown: f"{metrics[method.shown]:.3g}"})
-        if cfg.tracker:
-            accelerator.log(metrics, step=step + 1)
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            _checkpoint(accelerator, out, step + 1, unet, optimizer)
-    _save_outputs(cfg, pairs, family, accelerator, unet, out)
-    accelerator.end_training()
-    return out
+    return TrainState(cfg, pairs, folder, accelerator, family, method, unet, optimizer, params, start)
 
 
-def check_out_folder(cfg: TrainConfig, out: Path) -> None:
-    if not out.exists() or not any(out.iterdir()):
-        return
-    if cfg.overwrite:
-        if not (out / "config.json").is_file():  # --overwrite deletes the folder: only ever one of ours
-            raise UserError(f"--overwrite refuses to delete '{out}': it is not a `duo train` folder.")
-        return
-    if not cfg.resume:
-        raise UserError(
-            f"'{out}' already holds a run. Pass --resume to continue it, --overwrite to replace it, "
-            "or choose another --out."
-        )
-    previous_path = out / "config.json"
-    if not previous_path.is_file():
-        raise UserError(f"'{out}' is not a `duo train` folder (no config.json); choose another --out.")
-    previous, now = json.loads(previous_path.read_text()), cfg.to_dict()
-    # A key the earlier run did not write yet was a setting added later, at its default.
-    defaults = TrainConfig(model=cfg.model, data=cfg.data, out=cfg.out, method=cfg.method).to_dict()
-    changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and previous.get(k, defaults[k]) != now[k])
-    if changed:
-        raise UserError(
-            f"--resume with other settings than the run in '{out}' ({', '.join(changed)} differ). "
-            "Resume with the original settings, or train into a new --out."
-        )
+def _accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+
+    # Without cpu=True accelerate ignores a multi-process launch on a machine with no GPU.
+    on_cpu = cfg.device == "cpu" or (cfg.device is None and not torch.cuda.is_available())
+    return Accelerator(mixed_precision=cfg.mixed_precision, cpu=on_cpu, log_with=cfg.tracker, project_dir=cfg.out)
 
 
-def _restore(cfg: TrainConfig, out: Path, unet, optimizer) -> int:
+def _start(folder: RunFolder, cfg: TrainConfig, accelerator) -> None:
+    # Every process has claimed (read) the folder before the main one writes, or deletes, anything in it.
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        folder.start()
+        n = accelerator.num_processes
+        write_config(folder.path, cfg, processes=n, pairs_per_step=cfg.batch_size * cfg.grad_accum * n)
+    accelerator.wait_for_everyone()
+
+
+def _restore(cfg: TrainConfig, unet, optimizer) -> int:
+    out = Path(cfg.out)
     ckpt = latest_checkpoint(out) if cfg.resume else None
     if ckpt is None:
         if cfg.resume:
@@ -138,68 +132,88 @@ def _restore(cfg: TrainConfig, out: Path, unet, optimizer) -> int:
 
 
 def _truncate_metrics(out: Path, step: int) -> None:
-    path = out / "metrics.jsonl"
+    path = out / METRICS_FILE
     if path.exists():
         kept = [r for r in read_jsonl(path) if r["step"] <= step]
         atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
 
 
-class _Run:
+def train(state: TrainState) -> None:
+    """The optimizer steps from state.start to cfg.steps: metrics every step, a checkpoint every few."""
+    if isinstance(state, TrainConfig):  # the signature of train() before the recipes were split
+        raise TypeError(
+            "duo.train.loop.train takes the TrainState of setup(cfg); train a config with duo.train.api.train"
+        )
+    cfg, acc = state.cfg, state.accelerator
+    shown = state.method.shown
+    bar = tqdm(
+        range(state.start, cfg.steps), initial=state.start, total=cfg.steps, desc="train",
+        disable=not acc.is_main_process,
+    )  # fmt: skip
+    for step in bar:
+        metrics = optimizer_step(state, step)
+        if acc.is_main_process:
+            append_jsonl(state.out / METRICS_FILE, metrics)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", **{shown: f"{metrics[shown]:.3g}"})
+        if cfg.tracker:
+            acc.log(metrics, step=step + 1)
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            _checkpoint(state, step + 1)
+
+
+def optimizer_step(state: TrainState, step: int) -> dict:
     """One optimizer step: the method's draws for the global batch, sliced per process and micro-batch."""
-
-    def __init__(self, cfg, method, accelerator, unet, optimizer, params):
-        self.cfg, self.method = cfg, method
-        self.acc, self.unet, self.optimizer, self.params = accelerator, unet, optimizer, params
-        self.world, self.rank = accelerator.num_processes, accelerator.process_index
-        self.global_batch = cfg.batch_size * cfg.grad_accum * self.world
-
-    def step(self, step: int) -> dict:
-        cfg, started = self.cfg, time.perf_counter()
-        draws = self.method.draw(step, self.global_batch)
-        sums: dict[str, float] = {}
-        for m in range(cfg.grad_accum):
-            first = (m * self.world + self.rank) * cfg.batch_size
-            micro = draws.slice(first, first + cfg.batch_size)
-            sync = nullcontext() if m == cfg.grad_accum - 1 else self.acc.no_sync(self.unet)
-            with sync:
-                parts = self.method.micro_loss(self.unet, self.acc, micro)
-                self.acc.backward(parts["loss"] / cfg.grad_accum)
-            for name in self.method.metrics:
-                sums[name] = sums.get(name, 0.0) + float(parts[name].detach()) / cfg.grad_accum
-        reduced = self.acc.reduce(torch.tensor(list(sums.values()), device=self.acc.device), "mean")
-        metrics = dict(zip(sums, reduced.tolist()))
-        if not torch.isfinite(reduced).all():
-            raise UserError(
-                f"the loss became {metrics['loss']} at step {step + 1}. Earlier checkpoints in "
-                f"'{cfg.out}' are intact. Lower --lr (or --beta for DUO), or train in fp32 (--mixed-precision no)."
-            )
-        grad_norm = self.acc.clip_grad_norm_(self.params, cfg.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return {
-            "step": step + 1,
-            **metrics,
-            "grad_norm": float(grad_norm),
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "seconds": round(time.perf_counter() - started, 4),
-        }
+    cfg, acc, method = state.cfg, state.accelerator, state.method
+    started = time.perf_counter()
+    draws = method.draw(step, state.global_batch)
+    world, rank = acc.num_processes, acc.process_index
+    sums: dict[str, float] = {}
+    for m in range(cfg.grad_accum):
+        first = (m * world + rank) * cfg.batch_size
+        micro = draws.slice(first, first + cfg.batch_size)
+        # Gradients are averaged across processes once per optimizer step, at its last micro-batch.
+        sync = nullcontext() if m == cfg.grad_accum - 1 else acc.no_sync(state.unet)
+        with sync:
+            parts = method.micro_loss(state.unet, acc, micro)
+            acc.backward(parts["loss"] / cfg.grad_accum)
+        for name in method.metrics:
+            sums[name] = sums.get(name, 0.0) + float(parts[name].detach()) / cfg.grad_accum
+    reduced = acc.reduce(torch.tensor(list(sums.values()), device=acc.device), "mean")
+    metrics = dict(zip(sums, reduced.tolist()))
+    if not torch.isfinite(reduced).all():
+        raise UserError(
+            f"the loss became {metrics['loss']} at step {step + 1}. Earlier checkpoints in "
+            f"'{cfg.out}' are intact. Lower --lr (or --beta for DUO), or train in fp32 (--mixed-precision no)."
+        )
+    grad_norm = acc.clip_grad_norm_(state.params, cfg.grad_clip)
+    state.optimizer.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    return {
+        "step": step + 1,
+        **metrics,
+        "grad_norm": float(grad_norm),
+        "lr": state.optimizer.param_groups[0]["lr"],
+        "seconds": round(time.perf_counter() - started, 4),
+    }
 
 
-def _checkpoint(accelerator, out: Path, step: int, unet, optimizer) -> None:
-    if accelerator.is_main_process:
-        save_checkpoint(out, step, get_lora_state(accelerator.unwrap_model(unet)), optimizer.state_dict())
-    accelerator.wait_for_everyone()
+def _checkpoint(state: TrainState, step: int) -> None:
+    acc = state.accelerator
+    if acc.is_main_process:
+        lora = get_lora_state(acc.unwrap_model(state.unet))
+        save_checkpoint(state.out, step, lora, state.optimizer.state_dict())
+    acc.wait_for_everyone()
 
 
-def _save_outputs(cfg: TrainConfig, pairs: PairSet, family, accelerator, unet, out: Path) -> None:
-    if not accelerator.is_main_process:
-        return
-    family.save_lora(out, get_lora_state(accelerator.unwrap_model(unet)))
-    write_model_card(out, cfg, pairs)
-    if cfg.fuse:
-        from duo.models.family import load_family
+def save(state: TrainState) -> Path:
+    """The LoRA, its model card and (--fuse) the fused pipeline; then run.json records the outputs' hashes."""
+    acc = state.accelerator
+    if acc.is_main_process:
+        lora = get_lora_state(acc.unwrap_model(state.unet))
+        write_lora_folder(state.cfg, state.pairs, state.family, lora, str(acc.device))
+        state.folder.finish(outputs=[*OUTPUTS, METRICS_FILE])
+    return state.out
 
-        fresh = load_family(cfg.model, allow_pickle=cfg.allow_pickle, device=str(accelerator.device))
-        fresh.load_loras([(str(out), 1.0)])
-        fresh.save_fused(out / "fused")
-    log.info("LoRA written to %s", out / LORA_FILE)
+
+def cleanup(state: TrainState) -> None:
+    state.accelerator.end_training()

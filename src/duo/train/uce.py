@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import torch
@@ -21,8 +20,12 @@ from duo.data.pairs import load_pairs
 from duo.errors import UserError
 from duo.models.lora import ADAPTER, attach_lora, get_lora_state
 from duo.objectives import uce_edit
+from duo.runs import read_run
+from duo.train.config import TrainConfig
+from duo.train.outputs import LORA_FILE, OUTPUTS, claim_folder, legacy_config, write_config, write_lora_folder
 
 log = logging.getLogger(__name__)
+REPORT_FILE = "uce.json"
 
 
 def edit_texts(cfg, pairs) -> tuple[list[tuple[str, str]], list[str]]:
@@ -67,41 +70,24 @@ def lora_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Te
     return b.float(), a.float(), err
 
 
-def edit(cfg) -> Path:
+def edit(cfg: TrainConfig) -> Path:
     """Compute the UCE edit for cfg and write it as a LoRA folder; returns the folder."""
     from duo.models.family import load_family
-    from duo.train.card import write_model_card
-    from duo.train.loop import LORA_FILE, check_out_folder
 
+    cfg.validate()
     pairs = load_pairs(cfg.data, cfg.part)
     out = Path(cfg.out)
-    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
-        raise UserError(f"'{out}' already holds a run; UCE is a closed form with nothing to resume: pass --overwrite.")
-    check_out_folder(cfg, out)
-    family = load_family(cfg.model, device=cfg.device or "cpu", allow_pickle=cfg.allow_pickle)
+    _refuse_rerun(cfg, out)
+    folder = claim_folder(cfg)
+    device = cfg.device or "cpu"
+    family = load_family(cfg.model, device=device, allow_pickle=cfg.allow_pickle)
     erase, preserve = edit_texts(cfg, pairs)
     c, g, p = text_vectors(family, erase, preserve)
-    projections = family.cross_attention_projections(with_keys=cfg.uce_keys)
-    rank = min(c.shape[0], c.shape[1])  # ≥ the rank of every layer's W' − W
-    factors, worst = {}, 0.0
-    for name, module in projections:
-        w = module.weight.detach().float()
-        # W g, W c, W p are what the layer outputs: the edit acts on the layer's input space only.
-        edited = uce_edit(w, c, g, p, cfg.uce_lambda, cfg.erase_scale, cfg.preserve_scale)
-        b, a, err = lora_factors(edited.double() - w.double(), rank)
-        factors[name], worst = (b, a), max(worst, err)
-    if cfg.overwrite and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2))
-    names = "|".join(n.replace(".", r"\.") for n in factors)
-    attach_lora(family.unet, rank, float(rank), f"^({names})$")  # alpha = rank: scale 1, B·A is the edit
-    modules = dict(family.unet.named_modules())
-    with torch.no_grad():
-        for name, (b, a) in factors.items():
-            modules[name].lora_A[ADAPTER].weight.copy_(a)
-            modules[name].lora_B[ADAPTER].weight.copy_(b)
-    family.save_lora(out, get_lora_state(family.unet))
+    factors, rank, worst = edit_factors(cfg, family, c, g, p)
+    folder.start()  # the model loaded and the edit is computed: only now is anything written or deleted
+    write_config(out, cfg)
+    install_factors(family.unet, factors, rank)
+    write_lora_folder(cfg, pairs, family, get_lora_state(family.unet), device)
     report = {
         "rank": rank,
         "layers": len(factors),
@@ -111,7 +97,42 @@ def edit(cfg) -> Path:
         "erase": [list(e) for e in erase],
         "preserve": preserve,
     }
-    atomic_write_text(out / "uce.json", json.dumps(report, indent=2))
-    write_model_card(out, cfg, pairs)
+    atomic_write_text(out / REPORT_FILE, json.dumps(report, indent=2))
+    folder.finish(outputs=[*OUTPUTS, REPORT_FILE])
     log.info("UCE edit of %d projections written to %s (rank %d)", len(factors), out / LORA_FILE, rank)
     return out
+
+
+def _refuse_rerun(cfg: TrainConfig, out: Path) -> None:
+    # Before the claim, whose refusal would suggest --resume: a flag UCE does not take.
+    previous = read_run(out) if out.is_dir() else None
+    ours = (previous is not None and previous.get("kind") == "train") or legacy_config(out) is not None
+    if ours and not cfg.overwrite:
+        raise UserError(
+            f"'{out}' already holds a run; UCE is a closed form with nothing to resume: pass --overwrite "
+            "to replace it, or choose another --out."
+        )
+
+
+def edit_factors(cfg: TrainConfig, family, c, g, p) -> tuple[dict, int, float]:
+    """{projection: (B, A)} of every edited layer, the common rank, and the largest relative error of B·A."""
+    rank = min(c.shape[0], c.shape[1])  # ≥ the rank of every layer's W' − W
+    factors, worst = {}, 0.0
+    for name, module in family.cross_attention_projections(with_keys=cfg.uce_keys):
+        w = module.weight.detach().float()
+        # W g, W c, W p are what the layer outputs: the edit acts on the layer's input space only.
+        edited = uce_edit(w, c, g, p, cfg.uce_lambda, cfg.erase_scale, cfg.preserve_scale)
+        b, a, err = lora_factors(edited.double() - w.double(), rank)
+        factors[name], worst = (b, a), max(worst, err)
+    return factors, rank, worst
+
+
+def install_factors(unet, factors: dict, rank: int) -> None:
+    """A LoRA on exactly the edited layers, holding B·A = W' − W."""
+    names = "|".join(n.replace(".", r"\.") for n in factors)
+    attach_lora(unet, rank, float(rank), f"^({names})$")  # alpha = rank: scale 1, B·A is the edit
+    modules = dict(unet.named_modules())
+    with torch.no_grad():
+        for name, (b, a) in factors.items():
+            modules[name].lora_A[ADAPTER].weight.copy_(a)
+            modules[name].lora_B[ADAPTER].weight.copy_(b)

@@ -1,4 +1,7 @@
-"""The `shapes` judge: the Shapes world's classifier behind the project's Judge interface.
+"""The `shapes` judge: the Shapes world's classifier behind the project's Judge interface (duo.judges).
+
+It lives with the world rather than in duo.judges so that the judges layer knows no world; duo.judges
+finds it by name, lazily.
 
 ShapesJudge(colour="red") says the concept is present when the classifier's probability of colour red
 is >= threshold; ShapesJudge(shape="circle") likewise for a shape (both given: both must hold, the

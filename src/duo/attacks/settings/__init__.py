@@ -1,0 +1,1 @@
+"""Each attack's Settings and BUDGETS, importable without torch (the CLI builds its flags from them)."""

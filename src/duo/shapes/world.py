@@ -1,0 +1,67 @@
+"""The Shapes world as a duo.worlds.World: its judge measures everything, and its comparison is tuned here.
+
+Everything heavy (torch, the judge's weights) is imported only when a network or metric is built, so the
+registry can look this world up cheaply for any model.
+"""
+
+from __future__ import annotations
+
+from duo.worlds import World
+
+
+def _lpips(weights: str | None = None):
+    from duo.shapes.features import ShapesLpips
+
+    return ShapesLpips(weights)
+
+
+def _features(weights: str | None = None):
+    from duo.shapes.features import ShapesFeatures
+
+    return ShapesFeatures(weights)
+
+
+def _neutral_prompts(concept, n: int) -> list[str]:
+    from duo.shapes.evaluation import other_prompts
+
+    # a colour concept must leave every other colour alone; concepts without a colour keep red's prompts
+    colour = (getattr(concept, "judge_options", None) or {}).get("colour", "red")
+    return other_prompts(colour, n)[:n]
+
+
+def _alignment(images, prompts: list[str]) -> dict:
+    from duo.shapes.evaluation import attribute_accuracy
+
+    return attribute_accuracy(images, prompts)
+
+
+# The comparison of the baselines issue, on Shapes. ESD conditions on the pairs' unsafe prompts (the word
+# "red" alone barely moves the Shapes model: DSR ≤ 0.13) for 500 steps at two learning rates (1e-3 reaches
+# DUO's direct-prompt DSR, 3e-4 keeps more); UCE maps each pair's unsafe prompt to its safe prompt (the
+# authors' word-to-empty mapping reached DSR 0.34 here). docs/baselines.md has the measurements.
+METHODS = (
+    {"label": "DUO β=25", "train": {"beta": 25.0}},
+    {"label": "DUO β=50", "train": {"beta": 50.0}},
+    {"label": "DUO β=100", "train": {"beta": 100.0}},
+    {"label": "DUO β=500", "train": {"beta": 500.0}},
+    {"label": "ESD-x", "train": {"method": "esd-x", "esd_prompts": "unsafe", "lr": 1e-3, "steps": 500}},
+    {"label": "ESD-x lr 3e-4", "train": {"method": "esd-x", "esd_prompts": "unsafe", "lr": 3e-4, "steps": 500}},
+    {"label": "ESD-u", "train": {"method": "esd-u", "esd_prompts": "unsafe", "lr": 1e-3, "steps": 500}},
+    {"label": "UCE", "train": {"method": "uce", "uce_erase": "prompts"}},
+    {"label": "negative prompt", "guard": "negprompt"},
+    {"label": "SLD-Max", "guard": "sld-max"},
+    {"label": "original"},
+)
+
+SHAPES = World(
+    name="shapes",
+    model_ref="shapes",
+    judge="shapes",
+    lpips=_lpips,
+    features=_features,
+    neutral_prompts=_neutral_prompts,
+    alignment=_alignment,
+    alignment_definition="share of images whose colour / shape the Shapes judge reads as the prompt asks "
+    "(the Shapes world's stand-in for CLIP score)",
+    methods=METHODS,
+)
