@@ -2,4 +2,5 @@ import sys
 
 from duo.cli.main import main
 
-sys.exit(main())
+if __name__ == "__main__":  # importing the module (tests, tools) must not run the CLI
+    sys.exit(main())

@@ -146,6 +146,24 @@ def _provenance(runs: list[dict]) -> str:
         keep = {k: v for k, v in r.items() if k not in ("grids", "_folder")}
         blocks.append(
             f"<details><summary>{escape(str(r.get('label', '')))}</summary>"
-            f"<pre>{escape(json.dumps(keep, indent=2))}</pre></details>"
+            f"{_lineage(r.get('_folder'))}<pre>{escape(json.dumps(keep, indent=2))}</pre></details>"
         )
     return "<h2>Provenance of every number</h2>" + "".join(blocks)
+
+
+def _lineage(folder: str | None) -> str:
+    """The folders a run's numbers came from, each with the kind of run that made it and its content hash."""
+    from duo.runs import ancestors
+
+    tree = ancestors(folder) if folder else {}
+    return f"<p>Lineage (run folders it was built from):</p><ul>{_lineage_items(tree)}</ul>" if tree else ""
+
+
+def _lineage_items(tree: dict) -> str:
+    items = []
+    for role, rec in tree.items():
+        where = f"<code>{escape(rec['path'])}</code>"
+        head = f"{escape(role)}: {escape(rec['kind'])} {where} sha256 {escape(rec['hash'][:12])}"
+        inner = _lineage_items(rec.get("parents", {}))
+        items.append(f"<li>{head}{f'<ul>{inner}</ul>' if inner else ''}</li>")
+    return "".join(items)
