@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 from duo.errors import UserError
 
@@ -14,23 +15,22 @@ ATTACKS = {
 }
 
 
-def attack_module(name: str):
+def _known(name: str) -> str:
     if name not in ATTACKS:
         raise UserError(f"unknown attack '{name}'; choose one of {', '.join(ATTACKS)}")
-    return importlib.import_module(ATTACKS[name])
+    return ATTACKS[name]
 
 
-# What the CLI needs of an attack (NAME, Settings, BUDGETS) lives apart from its torch code.
-SETTINGS = {
-    "prompts": "duo.attacks.prompt_set",
-    "ring-a-bell": "duo.attacks.settings.ring_a_bell",
-    "concept-inversion": "duo.attacks.settings.concept_inversion",
-    "unlearndiff": "duo.attacks.settings.unlearndiff",
-}
+def attack_module(name: str):
+    return importlib.import_module(_known(name))
 
 
 def attack_settings(name: str):
-    """The module holding the attack's NAME, Settings and BUDGETS, without importing the attack itself."""
-    if name not in SETTINGS:
-        raise UserError(f"unknown attack '{name}'; choose one of {', '.join(ATTACKS)}")
-    return importlib.import_module(SETTINGS[name])
+    """The module holding the attack's NAME, Settings and BUDGETS, without importing the attack itself.
+
+    An attack whose code needs torch keeps them in `duo.attacks.settings.<module>` (the CLI builds its flags
+    from them); a light one (the prompt set) keeps them in its own module.
+    """
+    module = _known(name)
+    light = "duo.attacks.settings." + module.rpartition(".")[2]
+    return importlib.import_module(light if importlib.util.find_spec(light) else module)
