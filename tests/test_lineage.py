@@ -115,3 +115,13 @@ def test_evaluate_refuses_a_rerun_with_another_lora_and_attacks_of_another_lora(
     build_report([str(tmp_path / "eval")], str(page))
     html = page.read_text()
     assert "Lineage" in html and content_hash(first)[:12] in html and "curate" in html  # lora → pairs, two levels
+
+
+def test_sample_takes_model_and_the_guards_concept_from_the_lora(shapes_lora, tmp_path):
+    from duo.sample import SampleConfig, sample
+
+    _, (lora, _) = shapes_lora
+    cfg = SampleConfig(out=str(tmp_path / "s"), lora=[str(lora)], prompt=["a circle"], guard="negprompt", steps=2)
+    records = sample(cfg)
+    assert records[0]["model"] == "shapes" and "red" in records[0]["guard"]["words"]
+    assert read_run(tmp_path / "s")["parents"]["lora0"]["hash"] == content_hash(lora)

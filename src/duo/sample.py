@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from duo.data.files import append_jsonl, atomic_save_image, read_jsonl
+from duo.data.lineage import resolve_inputs
 from duo.errors import UserError
 from duo.guards import GUARDS, Guard, make_guard
 from duo.models.lora_spec import lora_dirs
@@ -18,8 +19,10 @@ from duo.runs import RunFolder
 
 @dataclass
 class SampleConfig:
-    model: str = field(metadata={"help": "diffusers pipeline: hub id, local folder, or 'shapes'"})
     out: str = field(metadata={"help": "folder for the images and images.jsonl (resumed if present)"})
+    model: str | None = field(
+        default=None, metadata={"help": "diffusers pipeline: hub id, local folder, or 'shapes' (default: the LoRA's)"}
+    )
     prompt: list[str] | None = field(default=None, metadata={"help": "one or more prompts"})
     prompts_file: str | None = field(default=None, metadata={"help": "text file, one prompt per line"})
     seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "seeds; every prompt × every seed"})
@@ -35,7 +38,12 @@ class SampleConfig:
         metadata={"help": "inference-time guard (needs --concept)", "choices": GUARDS},
     )
     concept: str | None = field(
-        default=None, metadata={"help": "preset name or concept YAML whose unsafe words the guard uses"}
+        default=None,
+        metadata={"help": "preset name or concept YAML whose unsafe words the guard uses (default: the LoRA's)"},
+    )
+    override: list[str] | None = field(
+        default=None,
+        metadata={"help": "let --model / --concept contradict the LoRA's lineage: model, concept (recorded)"},
     )
     steps: int = field(default=50, metadata={"help": "sampling steps"})
     guidance: float = field(default=7.5, metadata={"help": "classifier-free guidance scale"})
@@ -57,18 +65,16 @@ class SampleConfig:
             raise UserError("no prompts: pass --prompt TEXT or --prompts-file FILE.")
         return prompts
 
-    def make_guard(self) -> Guard:
+    def make_guard(self, concept=None) -> Guard:
         """The guard built from the concept's unsafe words; refuses a guard without a concept."""
         if self.guard in (None, "none"):
             return make_guard("none", [])
-        if not self.concept:
+        if concept is None:
             raise UserError(
                 f"guard '{self.guard}' is built from a concept's unsafe words: pass --concept NAME "
-                "(a preset such as shapes-red or nudity, or a concept YAML file)."
+                "(a preset such as shapes-red or nudity, or a concept YAML file), or a --lora from `duo train`."
             )
-        from duo.data.concepts import load_concept
-
-        guard = make_guard(self.guard, load_concept(self.concept).unsafe_words)
+        guard = make_guard(self.guard, concept.unsafe_words)
         if self.negative_prompt and guard.apply([""])[1] is not None:
             raise UserError(
                 f"guard '{self.guard}' sets the negative prompt to the concept's words; drop --negative-prompt "
@@ -89,12 +95,14 @@ def image_name(prompt: str, seed: int) -> str:
 def sample(cfg: SampleConfig) -> list[dict]:
     """Generate every prompt × seed into cfg.out; returns the records of images.jsonl (resumes)."""
     prompts = cfg.prompts()
-    guard = cfg.make_guard()
+    inputs = resolve_inputs(cfg.model, cfg.concept, lora_dirs(cfg.lora), cfg.override, need_concept=False)
+    cfg = replace(cfg, model=inputs.model)
+    guard = cfg.make_guard(inputs.concept)
     out = Path(cfg.out)
     index = out / "images.jsonl"
     settings = json.loads(json.dumps({k: getattr(cfg, k) for k in RUN_KEYS} | {"guard": guard.provenance()}))
     parents = {f"lora{i}": d for i, d in enumerate(lora_dirs(cfg.lora))}
-    run = RunFolder.claim(out, "sample", settings, parents, overwrite=cfg.overwrite)
+    run = RunFolder.claim(out, "sample", settings, parents, overwrite=cfg.overwrite, overrides=inputs.overrides)
     records = read_jsonl(index, repair=True) if run.state == "resume" else []
     done = {(r["prompt"], r["seed"]) for r in records}
     todo = [(p, s) for p in dict.fromkeys(prompts) for s in cfg.seeds if (p, s) not in done]
