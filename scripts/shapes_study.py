@@ -196,7 +196,8 @@ def run_one(name: str, seed: int, root: Path, n_eval: int) -> dict:
     from duo.data.curate import CurateConfig, curate
     from duo.judges import get_judge
     from duo.models.family import load_family
-    from duo.shapes.demo import measure
+    from duo.shapes.demo import generate, judge_images
+    from duo.shapes.evaluation import preservation
     from duo.train.api import resolve_config, train
 
     judge_name, overrides = CONFIGS[name]
@@ -219,7 +220,8 @@ def run_one(name: str, seed: int, root: Path, n_eval: int) -> dict:
     concept = load_concept("shapes-red")
     family = load_family("shapes")
     family.load_loras([(str(lora), 1.0)])
-    results = measure(family, concept, get_judge(concept.judge, concept.judge_options), n_eval)
+    images = generate(family, concept, n_eval)
+    results = judge_images(images, concept, get_judge(concept.judge, concept.judge_options))
     a, o = results["attacks"]["prompts"], results["other_colours"]
     return {
         "config": name,
@@ -234,7 +236,7 @@ def run_one(name: str, seed: int, root: Path, n_eval: int) -> dict:
         "colour_acc": o["duo"]["colour_accuracy"],
         "shape_acc_original": o["original"]["shape_accuracy"],
         "shape_acc": o["duo"]["shape_accuracy"],
-        "pp": results["preservation"]["pp"],
+        "pp": preservation(*images["other"][1:]),  # the study's PP: judge-feature cosine (docs/shapes_world.md)
         "n_eval": n_eval,
     }
 

@@ -54,15 +54,24 @@ class PointConfig:
     device: str = "cpu"
 
 
-def run_point(p: PointConfig, folder: Path, lora: str | None, guard: str, seed: int, label: str) -> dict:
-    """Every attack against (model + lora, guard), then `duo evaluate` with those attack folders."""
+def run_point(
+    p: PointConfig, folder: Path, lora: str | None, guard: str, seed: int, label: str, *,
+    attack_root: Path | None = None, eval_folder: Path | None = None,
+) -> dict:  # fmt: skip
+    """Every attack against (model + lora, guard), then `duo evaluate` with those attack folders.
+
+    The attacks go to attack_root/{name} and the evaluation to eval_folder, by default folder/attacks and
+    folder/eval (a comparison point); `duo demo` places them in its own, documented layout.
+    """
     from duo.attacks import AttackConfig, run_attack
     from duo.evaluate import EvaluateConfig, evaluate
 
     loras = [lora] if lora else None
+    attack_root = folder / "attacks" if attack_root is None else attack_root
+    eval_folder = folder / "eval" if eval_folder is None else eval_folder
     folders = []
     for name in p.attacks:
-        attack_folder = folder / "attacks" / name
+        attack_folder = attack_root / name
         attack = AttackConfig(
             model=p.model, concept=p.concept, out=str(attack_folder), lora=loras, guard=guard, budget=p.budget,
             n_prompts=p.n_prompts, images_per_prompt=p.images_per_prompt, seed=seed, device=p.device,
@@ -70,7 +79,7 @@ def run_point(p: PointConfig, folder: Path, lora: str | None, guard: str, seed: 
         run_attack(name, attack)
         folders.append(str(attack_folder))
     evaluation = EvaluateConfig(
-        model=p.model, concept=p.concept, out=str(folder / "eval"), lora=loras, guard=guard, attacks=folders,
+        model=p.model, concept=p.concept, out=str(eval_folder), lora=loras, guard=guard, attacks=folders,
         n_prompts=p.eval_prompts, prompts_file=p.prompts_file, lpips=p.lpips, fid_features=p.fid_features,
         seed=seed, device=p.device, label=label,
     )  # fmt: skip

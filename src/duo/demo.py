@@ -2,13 +2,16 @@
 
 Worlds: `shapes` (the shipped miniature text-to-image world; real numbers) or `tiny` (a random tiny
 Stable Diffusion built on the spot: the mechanics run, but a random model draws nothing, so no judge).
+
+--out is a `demo` run folder (duo.runs) holding each stage's own run folder: pairs/, lora/, and on Shapes
+attacks/{original,duo}/{attack}/ and eval/{original,duo}/ (the original model and DUO as two points of
+duo.compare), or compare/ with --compare; results.json and report.html beside them.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,10 +19,15 @@ from pathlib import Path
 from duo.data.curate import CurateConfig, curate
 from duo.data.files import atomic_write_text
 from duo.errors import UserError
+from duo.runs import RUN_FILE, RunFolder, read_run
 from duo.train.api import LORA_FILE, resolve_config, train
 
 log = logging.getLogger(__name__)
 DEMO_ATTACKS = ("prompts", "ring-a-bell", "concept-inversion", "unlearndiff")
+# What a demo run declares as its result (those that exist): the DUO demo's, and --compare's.
+OUTPUTS = ("results.json", "report.html", "compare/results.json")
+# The two points of the Shapes demo: label, folder under attacks/ and eval/, with the demo's LoRA or without.
+POINTS = (("original", "original", False), ("DUO", "duo", True))
 
 
 @dataclass
@@ -40,7 +48,9 @@ class DemoConfig:
         default_factory=lambda: list(DEMO_ATTACKS),
         metadata={"help": "attacks (small budget) run on the original and the DUO model; 'none' for none"},
     )
-    fresh: bool = field(default=False, metadata={"help": "delete the run folder first"})
+    fresh: bool = field(
+        default=False, metadata={"help": "replace the run in --out (only a folder holding a demo run.json is deleted)"}
+    )
     compare: bool = field(
         default=False,
         metadata={
@@ -70,20 +80,10 @@ def run_demo(cfg: DemoConfig) -> dict:
     if cfg.compare and world != "shapes":
         raise UserError("--compare needs the Shapes world (a random tiny model draws nothing to judge).")
     out = Path(cfg.out)
-    if cfg.fresh and out.exists() and any(out.iterdir()):
-        if not ((out / "pairs" / "curate.json").is_file() or (out / "results.json").is_file()):
-            raise UserError(f"--fresh refuses to delete '{out}': it does not look like a demo run folder.")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    # The demo's run.json comes first: its stages then write into a folder that is already a run folder.
+    run = claim_demo(out, cfg, world, names).start()
     started = time.perf_counter()
-    if world == "shapes":
-        model, concept = "shapes", "shapes-red"
-    else:
-        log.info(
-            "Shapes weights not available: running on a tiny RANDOM pipeline built on the spot. "
-            "The loop is real; the images are noise, so there is no judge and no DSR."
-        )
-        model, concept = _tiny_world(out)
+    model, concept = _world(world, out)
     curate(
         CurateConfig(
             model=model,
@@ -96,24 +96,54 @@ def run_demo(cfg: DemoConfig) -> dict:
         )
     )
     if cfg.compare:
-        return _compare(cfg, world, model, concept, names, out, started)
+        results = _compare(cfg, world, model, concept, names, out, started)
+    else:
+        lora = _train(cfg, model, out)
+        if world == "shapes":
+            results = _shapes(model, lora, concept, names, cfg, out)
+        else:
+            results = _evaluate_tiny(model, lora, cfg.eval_images)
+        results.update(world=world, demo=asdict(cfg), seconds=round(time.perf_counter() - started, 1))
+        atomic_write_text(out / "results.json", json.dumps(results, indent=2))
+    run.finish(list(OUTPUTS))
+    return results
+
+
+def claim_demo(out: Path, cfg: DemoConfig, world: str, attacks: list[str]) -> RunFolder:
+    """The demo's claim on --out (--fresh: RunFolder's overwrite); its stages claim their own folders in it."""
+    if out.is_dir() and read_run(out) is None and any((out / name).exists() for name in ("pairs", "results.json")):
+        raise UserError(
+            f"'{out}' holds a demo written by an older duo (no {RUN_FILE}). duo never deletes a folder without "
+            f"one, --fresh included: delete it yourself or choose another --out."
+        )
+    config = {k: v for k, v in asdict(cfg).items() if k not in ("out", "fresh")}
+    config.update(world=world, attacks=attacks)  # as resolved: `auto` may name another world later
+    try:
+        # `make demo` and `make compare` share runs/demo: switching between them resumes the same run.
+        return RunFolder.claim(out, "demo", config, overwrite=cfg.fresh, volatile=("compare", "seeds"))
+    except UserError as exc:
+        raise UserError(str(exc).replace("--overwrite", "--fresh")) from None  # the demo's name for that flag
+
+
+def _world(world: str, out: Path) -> tuple[str, str]:
+    if world == "shapes":
+        return "shapes", "shapes-red"
+    log.info(
+        "Shapes weights not available: running on a tiny RANDOM pipeline built on the spot. "
+        "The loop is real; the images are noise, so there is no judge and no DSR."
+    )
+    return _tiny_world(out)
+
+
+def _train(cfg: DemoConfig, model: str, out: Path) -> str:
+    """The demo's LoRA from the concept's settings: only model, data, out (and --steps) are given."""
     lora = out / "lora"
     if not (lora / LORA_FILE).is_file():
         explicit = {"model": model, "data": str(out / "pairs"), "out": str(lora), "resume": lora.exists()}
         if cfg.steps:
             explicit["steps"] = cfg.steps
         train(resolve_config(**explicit))
-    if world == "shapes":
-        from duo.shapes.demo import evaluate_shapes
-
-        red = red_team(model, str(lora), concept, names, cfg.seed, out)
-        results = evaluate_shapes(model, str(lora), concept, cfg.eval_images, red_teaming=red)
-        results["evaluation"] = evaluate_and_report(model, str(lora), concept, names, cfg.seed, out)
-    else:
-        results = _evaluate_tiny(model, str(lora), cfg.eval_images)
-    results.update(world=world, demo=asdict(cfg), seconds=round(time.perf_counter() - started, 1))
-    atomic_write_text(out / "results.json", json.dumps(results, indent=2))
-    return results
+    return str(lora)
 
 
 def _compare(cfg: DemoConfig, world: str, model: str, concept: str, names: list[str], out: Path, started) -> dict:
@@ -134,40 +164,36 @@ def demo_attacks(requested: list[str]) -> list[str]:
     return check_attacks(requested, allow_none=True)
 
 
-def red_team(model: str, lora: str, concept: str, names: list[str], seed: int, out: Path) -> dict:
-    """Each attack at the small budget (8 targets × 2 images) against the original model and DUO: both DSRs."""
-    from duo.attacks import run_attack
-    from duo.attacks.base import AttackConfig
-
-    table = {}
-    for name in names:
-        table[name] = {}
-        for label, loras in (("original", None), ("duo", [lora])):
-            folder = out / "attacks" / label / name
-            cfg = AttackConfig(
-                model=model, concept=concept, out=str(folder), lora=loras, seed=seed, n_prompts=8, images_per_prompt=2
-            )
-            r = run_attack(name, cfg)
-            table[name][label] = {**r["dsr"], "prompts_broken": r["prompts_broken"], "results": str(folder)}
-    return table
-
-
-def evaluate_and_report(model: str, lora: str, concept: str, names: list[str], seed: int, out: Path) -> dict:
-    """`duo evaluate` on the original and the DUO model with their attack folders, then `duo report`."""
-    from duo.evaluate import EvaluateConfig, evaluate
+def _shapes(model: str, lora: str, concept: str, names: list[str], cfg: DemoConfig, out: Path) -> dict:
+    """The direct prompts judged, then the original model and DUO as two points of `duo.compare`: every attack,
+    `duo evaluate` (the one PP: 1 − LPIPS-style distance, and FID), the summary rows and `duo report`."""
+    from duo.compare import PointConfig, markdown_table, run_point, summarise
     from duo.report import build_report
+    from duo.shapes.demo import evaluate_shapes
 
-    summary, folders = {}, []
-    for label, loras in (("original", None), ("duo", [lora])):
-        folder = out / "eval" / label
-        attacks = [str(out / "attacks" / label / name) for name in names]
-        r = evaluate(
-            EvaluateConfig(model=model, concept=concept, out=str(folder), lora=loras, attacks=attacks, seed=seed)
-        )
-        summary[label] = {"pp": r["preservation"]["pp"], "fid": r["fid"]["original"]["fid"], "results": str(folder)}
-        folders.append(str(folder))
-    build_report(folders, str(out / "report.html"), title=f"duo demo: {concept}")
-    return summary
+    point = PointConfig(model=model, concept=concept, attacks=names, n_prompts=8, images_per_prompt=2)
+    evaluations, points = {}, {}
+    for label, key, with_lora in POINTS:
+        attacks, folder = out / "attacks" / key, out / "eval" / key
+        used = lora if with_lora else None
+        r = run_point(point, out, used, "none", cfg.seed, label, attack_root=attacks, eval_folder=folder)
+        evaluations[label] = r
+        cells = {a: {"results": str(attacks / a), "n": r["attacks"][a]["dsr"]["n"],
+                     "prompts_broken": r["attacks"][a]["prompts_broken"]} for a in names}  # fmt: skip
+        points[label] = {"lora": used, "eval": str(folder), "attacks": cells}
+    rows = [summarise(label, [r], names) for label, r in evaluations.items()]
+    report = out / "report.html"
+    build_report([p["eval"] for p in points.values()], str(report), title=f"duo demo: {concept}")
+    results = evaluate_shapes(model, lora, concept, cfg.eval_images)
+    pp = evaluations["DUO"]["preservation"]
+    results["comparison"] = {
+        "points": points,
+        "rows": rows,
+        "table": markdown_table(rows, names, 1),
+        "preservation": {"definition": pp["definition"], "network": pp["network"], "n": pp["n"]},
+        "report": str(report),
+    }
+    return results
 
 
 def _tiny_world(out: Path) -> tuple[str, str]:

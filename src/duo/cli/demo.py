@@ -40,18 +40,17 @@ def format_table(r: dict) -> str:
             f"mean pixel change from the LoRA: concept prompt {c['concept']:.4f}, "
             f"neutral prompt {c['neutral']:.4f}"
         )
-    a, o = r["attacks"]["prompts"], r["other_colours"]
+    a, o, c = r["attacks"]["prompts"], r["other_colours"], r["comparison"]
     rows = [(f"DSR, direct prompts (n={a['duo']['n']})", a["original"]["rate"], a["duo"]["rate"])]
     rows += [(f"  DSR, {word!r}", v["original"], v["duo"]) for word, v in a["per_word"].items()]
     for key, label in (("colour_accuracy", "colour"), ("shape_accuracy", "shape")):
         rows.append((f"{label} accuracy, other colours", o["original"][key], o["duo"][key]))
-    rows.append(("preservation PP (judge-feature cosine)", 1.0, r["preservation"]["pp"]))
-    if "evaluation" in r:
-        e = r["evaluation"]
-        rows.append(("PP, 1 − LPIPS-style (duo evaluate)", e["original"]["pp"], e["duo"]["pp"]))
-        rows.append(("FID vs original (judge features)", e["original"]["fid"], e["duo"]["fid"]))
-    for name, cell in r.get("red_teaming", {}).items():
-        rows.append((f"DSR under {name} (n={cell['duo']['n']})", cell["original"]["rate"], cell["duo"]["rate"]))
+    # The comparison's rows (duo.compare.summarise over one seed): their means are the measured values.
+    original, duo = ({row["label"]: row for row in c["rows"]}[label] for label in ("original", "DUO"))
+    rows.append(("PP, 1 − LPIPS-style (duo evaluate)", original["pp"]["mean"], duo["pp"]["mean"]))
+    rows.append(("FID vs original (judge features)", original["fid"]["mean"], duo["fid"]["mean"]))
+    for name, cell in c["points"]["DUO"]["attacks"].items():
+        rows.append((f"DSR under {name} (n={cell['n']})", original["dsr"][name]["mean"], duo["dsr"][name]["mean"]))
     lines = [f"{'':40}{'original':>10}{'DUO':>10}"]
     lines += [f"{name:40}{x:>10.3f}{y:>10.3f}" for name, x, y in rows]
     lines.append(f"whole loop: {r['seconds']} s")

@@ -1,4 +1,8 @@
-"""The Shapes half of `duo demo`: generate with and without the LoRA and judge both."""
+"""The Shapes half of `duo demo`: generate with and without the LoRA and judge both.
+
+Preservation is not measured here: the demo takes it from `duo evaluate` (1 − LPIPS-style distance), the one
+definition the comparison tables use.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ from duo.data.concepts import load_concept
 from duo.judges import get_judge
 from duo.metrics import rate_with_interval
 from duo.models.family import load_family
-from duo.shapes.evaluation import attribute_accuracy, concept_prompts, other_prompts, preservation
+from duo.shapes.evaluation import attribute_accuracy, concept_prompts, other_prompts
 
 
 def _both(family, prompts: list[str], steps: int, guidance: float) -> tuple[list, list]:
@@ -22,12 +26,21 @@ def _dsr(judge, images, prompts) -> dict:
     return rate_with_interval(sum(not v.present for v in verdicts), len(verdicts))
 
 
-def measure(family, concept, judge, n: int) -> dict:
-    """Judge the LoRA-loaded `family` against itself with LoRAs off."""
+def generate(family, concept, n: int) -> dict:
+    """{"red" | "other": (prompts, original images, LoRA images)}: the concept's colour under all its names,
+    and every other colour; same prompt and seed with the LoRA off and on."""
     colour = concept.judge_options["colour"]
     red, other = concept_prompts(colour, n), other_prompts(colour, n)
-    red_orig, red_duo = _both(family, red, concept.steps, concept.guidance)
-    other_orig, other_duo = _both(family, other, concept.steps, concept.guidance)
+    return {
+        "red": (red, *_both(family, red, concept.steps, concept.guidance)),
+        "other": (other, *_both(family, other, concept.steps, concept.guidance)),
+    }
+
+
+def judge_images(images: dict, concept, judge) -> dict:
+    """Direct-prompt DSR (overall and per unsafe word) and the other colours' colour and shape accuracy."""
+    red, red_orig, red_duo = images["red"]
+    other, other_orig, other_duo = images["other"]
     per_word = {}
     for word in concept.unsafe_words:
         idx = [i for i, p in enumerate(red) if f" {word} " in f" {p} "]
@@ -36,7 +49,7 @@ def measure(family, concept, judge, n: int) -> dict:
                 m: _dsr(judge, [imgs[i] for i in idx], [red[i] for i in idx])["rate"]
                 for m, imgs in (("original", red_orig), ("duo", red_duo))
             }
-    results = {
+    return {
         "concept": concept.name,
         "judge": judge.provenance(),
         "sampling": {"steps": concept.steps, "guidance": concept.guidance, "scheduler": "DDIM"},
@@ -47,19 +60,16 @@ def measure(family, concept, judge, n: int) -> dict:
             "original": attribute_accuracy(other_orig, other),
             "duo": attribute_accuracy(other_duo, other),
         },
-        "preservation": {
-            "pp": preservation(other_orig, other_duo),
-            "definition": "1 − cosine distance of Shapes-judge features, same prompt and seed",
-            "n": len(other),
-        },
     }
-    return results
 
 
-def evaluate_shapes(model: str, lora: str, concept_name: str, n: int, red_teaming: dict | None = None) -> dict:
+def measure(family, concept, judge, n: int) -> dict:
+    """Judge the LoRA-loaded `family` against itself with LoRAs off."""
+    return judge_images(generate(family, concept, n), concept, judge)
+
+
+def evaluate_shapes(model: str, lora: str, concept_name: str, n: int) -> dict:
     concept = load_concept(concept_name)
     family = load_family(model)
     family.load_loras([(lora, 1.0)])
-    results = measure(family, concept, get_judge(concept.judge, concept.judge_options), n)
-    results["red_teaming"] = red_teaming or {}
-    return results
+    return measure(family, concept, get_judge(concept.judge, concept.judge_options), n)

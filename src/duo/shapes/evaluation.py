@@ -30,4 +30,7 @@ def attribute_accuracy(images, prompts: list[str]) -> dict:
 
 
 def preservation(original, edited) -> float:
+    """1 − cosine distance of judge features: the PP of the recipe study (scripts/shapes_study.py and its tables
+    in docs/shapes_world.md), kept so those stay reproducible. Not the demo's or a comparison's PP, which is
+    `duo evaluate`'s 1 − LPIPS-style distance."""
     return feature_preservation(features(original), features(edited))
