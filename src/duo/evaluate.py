@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from duo.data.concepts import Concept
 from duo.data.files import append_jsonl, atomic_save_image, atomic_write_text, load_image, read_jsonl
-from duo.data.lineage import lora_lineage, resolve_inputs, same_model
+from duo.data.lineage import lora_lineage, lora_parents, resolve_inputs, same_model
 from duo.errors import UserError
 from duo.guards import GUARDS, make_guard
 from duo.models.lora_spec import lora_dirs, parse_lora_spec
@@ -202,7 +202,7 @@ def _run_config(cfg: EvaluateConfig, concept: Concept, prompts: list[str]) -> di
 
 
 def _parents(cfg: EvaluateConfig) -> dict:
-    parents = {f"lora{i}": d for i, d in enumerate(lora_dirs(cfg.lora))}
+    parents = lora_parents(cfg.lora)
     parents.update({f"attack:{i}": folder for i, folder in enumerate(cfg.attacks or [])})
     return {**parents, "prompts_file": cfg.prompts_file, "reference_images": cfg.reference}
 

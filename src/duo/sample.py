@@ -10,7 +10,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from duo.data.files import append_jsonl, atomic_save_image, read_jsonl
-from duo.data.lineage import resolve_inputs
+from duo.data.lineage import lora_parents, resolve_inputs
 from duo.errors import UserError
 from duo.guards import GUARDS, Guard, make_guard
 from duo.models.lora_spec import lora_dirs
@@ -101,7 +101,7 @@ def sample(cfg: SampleConfig) -> list[dict]:
     out = Path(cfg.out)
     index = out / "images.jsonl"
     settings = json.loads(json.dumps({k: getattr(cfg, k) for k in RUN_KEYS} | {"guard": guard.provenance()}))
-    parents = {f"lora{i}": d for i, d in enumerate(lora_dirs(cfg.lora))}
+    parents = lora_parents(cfg.lora)
     run = RunFolder.claim(out, "sample", settings, parents, overwrite=cfg.overwrite, overrides=inputs.overrides)
     records = read_jsonl(index, repair=True) if run.state == "resume" else []
     done = {(r["prompt"], r["seed"]) for r in records}

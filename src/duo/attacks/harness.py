@@ -18,7 +18,7 @@ from duo.attacks.base import AttackConfig, AttackContext, Found, Target, target_
 from duo.attacks.registry import attack_module
 from duo.data.concepts import Concept
 from duo.data.files import append_jsonl, atomic_save_image, atomic_write_text, read_jsonl
-from duo.data.lineage import resolve_inputs
+from duo.data.lineage import lora_parents, resolve_inputs
 from duo.errors import UserError
 from duo.guards import make_guard
 from duo.judges import get_judge
@@ -90,8 +90,7 @@ def _run_record(name: str, cfg: AttackConfig, settings, concept: Concept, judge:
 
 def _parents(cfg: AttackConfig) -> dict:
     """The folders (and files) this attack is built on: the LoRAs under attack, the images and prompts it reads."""
-    parents = {f"lora{i}": d for i, d in enumerate(lora_dirs(cfg.lora))}
-    return {**parents, "images": cfg.images, "prompts_file": cfg.prompts_file}
+    return {**lora_parents(cfg.lora), "images": cfg.images, "prompts_file": cfg.prompts_file}
 
 
 class _Session:

@@ -52,6 +52,13 @@ def lora_lineage(folder: str | Path) -> Lineage:
     return Lineage(str(folder), config.get("model"), pairs, method)
 
 
+def lora_parents(specs: list[str] | None) -> dict[str, str]:
+    """The LoRAs of `DIR[:W]` specs as parents of a run folder: lora0, lora1, ... in order."""
+    from duo.models.lora_spec import lora_dirs
+
+    return {f"lora{i}": d for i, d in enumerate(lora_dirs(specs))}
+
+
 @dataclass
 class Inputs:
     """The resolved model and concept of a stage, where each came from, and the overrides used."""
