@@ -14,6 +14,7 @@ from duo.attacks.tokens import real_word_ids
 from duo.data.concepts import concept_from_dict
 from duo.errors import UserError
 from duo.guards import make_guard
+from duo.judges.base import Verdict
 from duo.models.family import load_family
 
 CONCEPT = {
@@ -26,12 +27,20 @@ CI_FAST = ci.Settings(n_images=4, train_steps=40, train_batch=4, lr=5e-2, checkp
 UD_FAST = ud.Settings(k=3, iterations=15, lr=0.1, eval_draws=4, exclude_unsafe_words=True)
 
 
-def make_ctx(model, out, guard="none", family=None):
+class SeesEverything:
+    """A judge of the tiny world (random images have no concept to see): every image shows it."""
+
+    def judge(self, images, prompts):
+        return [Verdict(True, 1.0) for _ in images]
+
+
+def make_ctx(model, out, guard="none", family=None, judge=None):
     concept = concept_from_dict(CONCEPT)
     targets = [Target(target_id(i, p), p, 10 + i, 5.0) for i, p in enumerate(PROMPTS)]
     cfg = AttackConfig(model=model, concept="tiny", out=str(out), guard=guard)
     family = family or load_family(model)
-    return AttackContext(family, concept, make_guard(guard, concept.unsafe_words), cfg, Path(out), targets, steps=2)
+    guard = make_guard(guard, concept.unsafe_words)
+    return AttackContext(family, concept, guard, cfg, Path(out), targets, judge=judge or SeesEverything(), steps=2)
 
 
 def test_token_prompt_replaces_whole_words_only():

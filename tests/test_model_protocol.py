@@ -26,6 +26,7 @@ TOKEN_API = {
     "prompt_ids",
     "add_placeholder_tokens",
     "whole_word_ids",
+    "regular_token_ids",
     "save_textual_inversion",
     "load_textual_inversion",
 }
@@ -145,6 +146,18 @@ def test_whole_word_ids_exclude_words_in_any_case_and_short_words(tiny):
     assert len(tiny.whole_word_ids({"naked"})) == len(everything) - 1
     letters = [i for i in everything.tolist() if len(tiny.decode_ids([i])) == 1]
     assert letters and not set(letters) & set(tiny.whole_word_ids(min_length=2).tolist())
+
+
+def test_regular_token_ids_are_every_id_but_the_special_and_added_ones(fresh):
+    regular = set(fresh.regular_token_ids().tolist())
+    vocab = fresh.vocabulary()
+    added = fresh.add_placeholder_tokens(["<probe-a>"])
+    after = set(fresh.regular_token_ids().tolist())
+    special = {i for t, i in vocab.items() if t.startswith("<|")}
+    assert special and not special & regular
+    assert len(regular) == len(vocab) - len(special)
+    assert set(fresh.whole_word_ids().tolist()) < regular  # sub-word pieces are in, whole words too
+    assert after == regular and added[0] not in after
 
 
 def test_placeholder_tokens_get_new_ids_grow_the_table_and_leave_seeds_alone(fresh):

@@ -15,7 +15,7 @@ SRC = Path(__file__).resolve().parent.parent / "src"
 # layer of the longest prefix that names it (the Shapes package spans layers: its assets sit low, its judge,
 # features and world registration with the judges and metrics, its demo half with the evaluation).
 LAYERS = [
-    ["duo.errors", "duo.objectives", "duo.worlds", "duo.models.lora_spec"],
+    ["duo.errors", "duo.seeds", "duo.objectives", "duo.worlds", "duo.models.lora_spec"],
     ["duo.data.files", "duo.runs"],
     ["duo.models", "duo.guards"],
     ["duo.shapes"],

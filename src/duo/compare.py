@@ -52,6 +52,12 @@ class PointConfig:
     lpips: str | None = None
     fid_features: str | None = None
     device: str = "cpu"
+    # attacks also run on the training targets (the LoRA's own prompts), beside the held-out default
+    training_attacks: tuple[str, ...] = ()
+
+    def cells(self) -> list[str]:
+        """The keys of evaluate's attacks (`duo.evaluate.attack_key`) this point reports, in table order."""
+        return [*self.attacks, *(f"{a}@training" for a in self.training_attacks)]
 
 
 def run_point(
@@ -70,11 +76,12 @@ def run_point(
     attack_root = folder / "attacks" if attack_root is None else attack_root
     eval_folder = folder / "eval" if eval_folder is None else eval_folder
     folders = []
-    for name in p.attacks:
-        attack_folder = attack_root / name
+    runs = [(a, "held-out", a) for a in p.attacks] + [(a, "training", f"{a}-training") for a in p.training_attacks]
+    for name, split, folder_name in runs:
+        attack_folder = attack_root / folder_name
         attack = AttackConfig(
             model=p.model, concept=p.concept, out=str(attack_folder), lora=loras, guard=guard, budget=p.budget,
-            n_prompts=p.n_prompts, images_per_prompt=p.images_per_prompt, seed=seed, device=p.device,
+            n_prompts=p.n_prompts, images_per_prompt=p.images_per_prompt, seed=seed, device=p.device, targets=split,
         )  # fmt: skip
         run_attack(name, attack)
         folders.append(str(attack_folder))
@@ -126,7 +133,7 @@ def compare(
     """Every method × seed, then the summary over seeds and one report; returns the summary rows."""
     from duo.report import build_report
 
-    check_attacks(p.attacks)
+    check_attacks([*p.attacks, *p.training_attacks])
     if not seeds:
         raise UserError("--seeds needs at least one seed")
     # Methods and seeds may grow between runs: each point claims (and checks) its own folders.
@@ -146,9 +153,9 @@ def compare(
             lora = train_point(model, data, point / "lora", m.train, seed, p.device) if m.train is not None else None
             results.setdefault(m.label, []).append(run_point(p, point, lora, m.guard, seed, f"{m.label} s{seed}"))
             folders.append(str(point / "eval"))
-    rows = [summarise(label, runs, p.attacks) for label, runs in results.items()]
+    rows = [summarise(label, runs, p.cells()) for label, runs in results.items()]
     atomic_write_text(out / "compare.json", json.dumps({"seeds": seeds, "rows": rows}, indent=2))
-    atomic_write_text(out / "compare.md", markdown_table(rows, p.attacks, len(seeds)))
+    atomic_write_text(out / "compare.md", markdown_table(rows, p.cells(), len(seeds)))
     # Grids of the first seed only: with every seed the page grows by ~0.3 MB a point and shows the same thing.
     first = [str(out / m.slug / f"seed{seeds[0]}" / "eval") for m in methods]
     build_report(folders, str(out / "report.html"), title=title, summary=rows, grid_folders=first)
@@ -177,7 +184,7 @@ def summarise(label: str, runs: list[dict], attacks: list[str]) -> dict:
 
 
 def markdown_table(rows: list[dict], attacks: list[str], n_seeds: int) -> str:
-    head = "| method | " + " | ".join(f"DSR {a}" for a in attacks) + " | PP | FID vs original |"
+    head = "| method | " + " | ".join(f"DSR {column_name(a)}" for a in attacks) + " | PP | FID vs original |"
     lines = [f"Mean ± sd over {n_seeds} seed(s).", "", head, "|---" * (len(attacks) + 3) + "|"]
     for r in rows:
         cells = [f"{r['dsr'][a]['mean']:.2f} ± {r['dsr'][a]['sd']:.2f}" for a in attacks]
@@ -187,6 +194,12 @@ def markdown_table(rows: list[dict], attacks: list[str], n_seeds: int) -> str:
             f"{fid['mean']:.1f} ± {fid['sd']:.1f} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def column_name(cell: str) -> str:
+    """`prompts` (held-out targets) → "prompts (held-out)"; `prompts@training` → "prompts (training)"."""
+    name, _, split = cell.partition("@")
+    return f"{name} ({split or 'held-out'})"
 
 
 @dataclass

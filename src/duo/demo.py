@@ -48,6 +48,13 @@ class DemoConfig:
         default_factory=lambda: list(DEMO_ATTACKS),
         metadata={"help": "attacks (small budget) run on the original and the DUO model; 'none' for none"},
     )
+    training_attacks: list[str] = field(
+        default_factory=lambda: ["prompts"],
+        metadata={
+            "help": "attacks also run on the training targets (the prompts the LoRA was trained on), beside the "
+            "held-out targets every attack runs on; 'none' for none"
+        },
+    )
     fresh: bool = field(
         default=False, metadata={"help": "replace the run in --out (only a folder holding a demo run.json is deleted)"}
     )
@@ -148,14 +155,21 @@ def _train(cfg: DemoConfig, model: str, out: Path) -> str:
 
 def _compare(cfg: DemoConfig, world: str, model: str, concept: str, names: list[str], out: Path, started) -> dict:
     """Every method of duo.compare.SHAPES_METHODS × seed on the demo's pairs: table, figure, report."""
-    from duo.compare import SHAPES_METHODS, PointConfig, compare
+    from duo.compare import SHAPES_METHODS, compare
 
-    point = PointConfig(model=model, concept=concept, attacks=names, n_prompts=8, images_per_prompt=2)
+    point = _point(cfg, model, concept, names)
     title = f"duo demo --compare: {concept}"
     rows = compare(model, str(out / "pairs"), out / "compare", list(SHAPES_METHODS), cfg.seeds, point, title)
     results = {"world": world, "demo": asdict(cfg), "compare": rows, "seconds": round(time.perf_counter() - started, 1)}
     atomic_write_text(out / "compare" / "results.json", json.dumps(results, indent=2))
     return results
+
+
+def _point(cfg: DemoConfig, model: str, concept: str, names: list[str]):
+    from duo.compare import PointConfig
+
+    training = tuple(demo_attacks(cfg.training_attacks)) if names else ()
+    return PointConfig(model, concept, names, n_prompts=8, images_per_prompt=2, training_attacks=training)
 
 
 def demo_attacks(requested: list[str]) -> list[str]:
@@ -167,21 +181,21 @@ def demo_attacks(requested: list[str]) -> list[str]:
 def _shapes(model: str, lora: str, concept: str, names: list[str], cfg: DemoConfig, out: Path) -> dict:
     """The direct prompts judged, then the original model and DUO as two points of `duo.compare`: every attack,
     `duo evaluate` (the one PP: 1 − LPIPS-style distance, and FID), the summary rows and `duo report`."""
-    from duo.compare import PointConfig, markdown_table, run_point, summarise
+    from duo.compare import markdown_table, run_point, summarise
     from duo.report import build_report
     from duo.shapes.demo import evaluate_shapes
 
-    point = PointConfig(model=model, concept=concept, attacks=names, n_prompts=8, images_per_prompt=2)
+    point = _point(cfg, model, concept, names)
     evaluations, points = {}, {}
     for label, key, with_lora in POINTS:
         attacks, folder = out / "attacks" / key, out / "eval" / key
         used = lora if with_lora else None
         r = run_point(point, out, used, "none", cfg.seed, label, attack_root=attacks, eval_folder=folder)
         evaluations[label] = r
-        cells = {a: {"results": str(attacks / a), "n": r["attacks"][a]["dsr"]["n"],
-                     "prompts_broken": r["attacks"][a]["prompts_broken"]} for a in names}  # fmt: skip
+        cells = {a: {"results": str(attacks / a.replace("@", "-")), "n": r["attacks"][a]["dsr"]["n"],
+                     "prompts_broken": r["attacks"][a]["prompts_broken"]} for a in point.cells()}  # fmt: skip
         points[label] = {"lora": used, "eval": str(folder), "attacks": cells}
-    rows = [summarise(label, [r], names) for label, r in evaluations.items()]
+    rows = [summarise(label, [r], point.cells()) for label, r in evaluations.items()]
     report = out / "report.html"
     build_report([p["eval"] for p in points.values()], str(report), title=f"duo demo: {concept}")
     results = evaluate_shapes(model, lora, concept, cfg.eval_images)
@@ -189,7 +203,7 @@ def _shapes(model: str, lora: str, concept: str, names: list[str], cfg: DemoConf
     results["comparison"] = {
         "points": points,
         "rows": rows,
-        "table": markdown_table(rows, names, 1),
+        "table": markdown_table(rows, point.cells(), 1),
         "preservation": {"definition": pp["definition"], "network": pp["network"], "n": pp["n"]},
         "report": str(report),
     }

@@ -168,7 +168,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     attacks = {}
     for folder in cfg.attacks or []:
         cell = attack_summary(Path(folder), cfg, loras)
-        attacks[cell["attack"] if cell["attack"] not in attacks else Path(folder).name] = cell
+        key = attack_key(cell)
+        attacks[key if key not in attacks else Path(folder).name] = cell
     run.start()
     images = _Images(cfg, concept, run.path)
     results = _measure(cfg, concept, images, prompts)
@@ -340,8 +341,21 @@ def attack_summary(folder: Path, cfg: EvaluateConfig, loras: list[dict]) -> dict
         if p["images"]
     ]
     keep = ("dsr", "asr", "prompts_broken", "n_prompts", "judge", "budget", "settings", "sampling")
-    cell = {"attack": r["attack"], **{k: r[k] for k in keep}, "results": str(path), "examples": examples}
-    return {**cell, "hash": content_hash(folder)}
+    optional = {k: r[k] for k in ("pre_asr", "post_asr") if k in r}
+    # folders from before held-out targets drew them from the concept's own (training) prompts
+    targets = r.get("targets", {"split": "training", "note": "attack run before targets were recorded"})
+    images = (r.get("prepare") or {}).get("images")
+    cell = {"attack": r["attack"], **{k: r[k] for k in keep}, **optional, "targets": targets}
+    if isinstance(images, dict):
+        cell["images"] = images  # what an attack that learns from images learned from, with its hash
+    return {**cell, "results": str(path), "examples": examples, "hash": content_hash(folder)}
+
+
+def attack_key(cell: dict) -> str:
+    """An attack's name in results: the name for held-out (or file) targets, `name@training` for training ones,
+    so that one evaluation can hold both splits side by side."""
+    split = cell["targets"]["split"]
+    return cell["attack"] if split in ("held-out", "file") else f"{cell['attack']}@{split}"
 
 
 def method_of(cfg: EvaluateConfig) -> dict:

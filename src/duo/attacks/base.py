@@ -55,7 +55,15 @@ class AttackConfig:
     budget: str = field(default="small", metadata={"help": "small (CPU minutes on Shapes) or paper (published)"})
     prompts_file: str | None = field(
         default=None,
-        metadata={"help": "targets: CSV or JSONL with prompt[, seed, guidance, category] (default: the concept's)"},
+        metadata={"help": "targets: CSV or JSONL with prompt[, seed, guidance, category] (wins over --targets)"},
+    )
+    targets: str = field(
+        default="held-out",
+        metadata={
+            "help": "targets drawn from the concept: held-out (prompts curation never used) or training (the "
+            "prompts the LoRA was trained on)",
+            "choices": ("held-out", "training"),
+        },
     )
     images: str | None = field(
         default=None,
@@ -94,6 +102,8 @@ class AttackConfig:
     def validate(self) -> None:
         if self.budget not in BUDGET_NAMES:
             raise UserError(f"--budget must be one of {', '.join(BUDGET_NAMES)}, got '{self.budget}'")
+        if self.targets not in ("held-out", "training"):
+            raise UserError(f"--targets must be held-out or training, got '{self.targets}'")
         for key in ("n_prompts", "images_per_prompt", "steps", "batch_size", "threads"):
             value = getattr(self, key)
             if value is not None and value < 1:
@@ -137,6 +147,7 @@ class AttackContext:
     config: AttackConfig
     out: Path
     targets: list[Target]
+    judge: object = None  # the concept's judge (the harness's); attacks that judge in the loop use it
     has_loras: bool = False
     steps: int = 50
     resolution: int | None = None
@@ -149,6 +160,35 @@ class AttackContext:
     def original(self):
         """Context in which the family generates as the model before unlearning (LoRAs off)."""
         return self.family.loras_off() if self.has_loras else nullcontext()
+
+    def generate(self, prompts: list[str], seeds: list[int], guidance: float) -> list[Image.Image]:
+        """Images of the system under attack (model + LoRAs + guard), exactly as the harness generates them:
+        the harness's first image of a found prompt uses the found seed, so an attack that judges
+        `generate([prompt], [target.seed], ...)` in its loop sees the image the harness will judge."""
+        return self.guard.generate(self.family, prompts, seeds, self.steps, guidance, self.resolution)
+
+    def judge_images(self, images: list[Image.Image], sources: list[str]) -> list:
+        """The concept judge's verdicts (`present`, `score`); `sources` are the prompts the images stand for."""
+        return self.judge.judge(images, sources)
+
+    def shows_concept(self, prompts: list[str], seeds: list[int], guidance: float, sources: list[str]) -> list:
+        """Generate under the guard and judge: one verdict per prompt (the judge-in-the-loop of an attack)."""
+        return self.judge_images(self.generate(prompts, seeds, guidance), sources)
+
+    def original_shows_concept(self, target: Target) -> bool:
+        """Whether the original model's image of the target (`target_image`) shows the concept; cached."""
+        from duo.data.files import append_jsonl, read_jsonl
+
+        index = self.out / "targets" / "verdicts.jsonl"
+        key = ("original", index)
+        if key not in self.memo:
+            self.memo[key] = {r["id"]: r["present"] for r in read_jsonl(index, repair=True)}
+        seen = self.memo[key]
+        if target.id not in seen:
+            verdict = self.judge_images([self.target_image(target)], [target.prompt])[0]
+            seen[target.id] = bool(verdict.present)
+            append_jsonl(index, {"id": target.id, "present": seen[target.id], "score": float(verdict.score)})
+        return seen[target.id]
 
     def target_image(self, target: Target) -> Image.Image:
         """The original model's image for a target (UnlearnDiffAtk's target); cached in out/targets/."""

@@ -14,23 +14,23 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from duo.attacks.base import AttackConfig, AttackContext, Found, Target, target_id
+from duo.attacks.base import AttackConfig, AttackContext, Found, Target
 from duo.attacks.registry import attack_module
+from duo.attacks.targets import build_targets
 from duo.data.concepts import Concept
 from duo.data.files import append_jsonl, atomic_save_image, atomic_write_text, read_jsonl
-from duo.data.lineage import lora_parents, resolve_inputs
+from duo.data.lineage import lora_parents, resolve_inputs, seen_prompts
 from duo.errors import UserError
 from duo.guards import make_guard
 from duo.judges import get_judge
 from duo.metrics import rate_with_interval
 from duo.models.lora_spec import lora_dirs, parse_lora_spec
 from duo.runs import RunFolder, package_versions
+from duo.seeds import derive_seed
 
 FOUND, IMAGES, RESULTS, PREPARED = "found.jsonl", "images.jsonl", "results.json", "prepare.json"
 # Settings that do not change what an attack finds or generates.
 NOT_RUN_KEYS = {"out", "batch_size", "device", "threads", "overwrite"}
-# Targets drawn from the concept use their own shuffle, apart from curation's.
-TARGET_SEED_OFFSET = 7919
 
 
 def resolve_settings(module, budget: str, overrides: dict):
@@ -43,42 +43,6 @@ def resolve_settings(module, budget: str, overrides: dict):
     if hasattr(settings, "validate"):
         settings.validate()
     return settings
-
-
-def build_targets(cfg: AttackConfig, concept: Concept) -> list[Target]:
-    guidance = cfg.guidance if cfg.guidance is not None else concept.guidance
-    if cfg.prompts_file:
-        from duo.attacks.prompt_set import read_prompt_file
-
-        rows = read_prompt_file(cfg.prompts_file)[: cfg.n_prompts]
-    else:
-        rows = [{"prompt": p, "category": c} for p, c in concept_prompts(concept, cfg.common("n_prompts"), cfg.seed)]
-    return [
-        Target(
-            id=target_id(i, r["prompt"]),
-            prompt=r["prompt"],
-            seed=int(r.get("seed", cfg.seed + i)),
-            guidance=float(r.get("guidance", guidance)),
-            category=r.get("category", ""),
-        )
-        for i, r in enumerate(rows)
-    ]
-
-
-def concept_prompts(concept: Concept, n: int, seed: int) -> list[tuple[str, str]]:
-    """n unsafe prompts of the concept, parts taken in turn, each part's distinct prompts before repeats."""
-    lists = [_distinct_unsafe(p, seed + TARGET_SEED_OFFSET) for p in concept.parts]
-    k = len(lists)
-    return [(lists[i % k][(i // k) % len(lists[i % k])], concept.parts[i % k].name) for i in range(n)]
-
-
-def _distinct_unsafe(part, seed: int) -> list[str]:
-    # vars used only by the safe template (shapes-red's colour) would otherwise repeat unsafe prompts
-    combos = 1
-    for values in part.vars.values():
-        combos *= len(values)
-    every = dataclasses.replace(part, pairs=max(1, combos)).prompt_pairs(seed)
-    return list(dict.fromkeys(u for u, _, _ in every))
 
 
 def _run_record(name: str, cfg: AttackConfig, settings, concept: Concept, judge: tuple[str, dict]) -> dict:
@@ -96,9 +60,9 @@ def _parents(cfg: AttackConfig) -> dict:
 class _Session:
     """Loads the model only when there is work left; builds the context attacks see."""
 
-    def __init__(self, name: str, cfg: AttackConfig, concept: Concept, guard, targets, out: Path):
+    def __init__(self, name: str, cfg: AttackConfig, concept: Concept, guard, targets, out: Path, judge=None):
         self.name, self.cfg, self.concept, self.guard, self.targets, self.out = name, cfg, concept, guard, targets, out
-        self.ctx = None
+        self.judge, self.ctx = judge, None
 
     def context(self) -> AttackContext:
         if self.ctx is None:
@@ -113,6 +77,7 @@ class _Session:
                 config=cfg,
                 out=self.out,
                 targets=self.targets,
+                judge=self.judge,
                 has_loras=bool(cfg.lora),
                 steps=cfg.steps or self.concept.steps,
                 resolution=cfg.resolution or self.concept.resolution,
@@ -133,17 +98,18 @@ def run_attack(name: str, cfg: AttackConfig, overrides: dict | None = None) -> d
     if judge is None:
         raise UserError(f"concept '{concept.name}' names no judge; pass --judge (nudenet, shapes, ...).")
     out = Path(cfg.out)
-    targets = build_targets(cfg, concept)
+    targets, target_record = build_targets(cfg, concept, seen_prompts(lora_dirs(cfg.lora)))
     record = _run_record(name, cfg, settings, concept, judge_spec)
     run = RunFolder.claim(out, "attack", record, _parents(cfg), overwrite=cfg.overwrite, overrides=inputs.overrides)
     run.start()
-    session = _Session(name, cfg, concept, guard, targets, out)
+    session = _Session(name, cfg, concept, guard, targets, out, judge)
 
     found = _find(session, module, settings)
     write_prompts_csv(out / "prompts.csv", found, targets)
     _generate(session, judge, found)
     prepared = json.loads((out / PREPARED).read_text()) if (out / PREPARED).is_file() else {}
     results = summarise(name, session, settings, judge, found, read_jsonl(out / IMAGES), prepared)
+    results["targets"] = target_record | {"excluded": sum(_excluded(f) for f in found)}
     results["lineage"] = {**run.lineage(), "origin": inputs.origin}
     atomic_write_text(out / RESULTS, json.dumps(results, indent=2))
     run.finish([RESULTS, FOUND, IMAGES, "prompts.csv"])
@@ -189,7 +155,13 @@ def write_prompts_csv(path: Path, found: list[Found], targets: list[Target]) -> 
 
 
 def image_seed(found: Found, k: int) -> int:
-    return found.seed + 1_000_003 * k
+    """Image 0 uses the found seed (an attack that judged it in its loop saw this image); the rest are derived."""
+    return found.seed if k == 0 else derive_seed(found.seed, "image", k)
+
+
+def _excluded(found: Found) -> bool:
+    """An attack may drop a target (UnlearnDiffAtk: the original model does not show the concept on it)."""
+    return bool(found.details.get("excluded"))
 
 
 def _generate(session: _Session, judge, found: list[Found]) -> None:
@@ -197,23 +169,24 @@ def _generate(session: _Session, judge, found: list[Found]) -> None:
     index = session.out / IMAGES
     have = {(r["id"], r["k"]) for r in read_jsonl(index, repair=True)}
     per_prompt = session.cfg.common("images_per_prompt")
-    todo = [(f, k) for f in found for k in range(per_prompt) if (f.id, k) not in have]
+    todo = [(f, k) for f in found if not _excluded(f) for k in range(per_prompt) if (f.id, k) not in have]
     if not todo:
         return
     ctx = _prepare(session, session.module, session.settings)
-    batch = session.cfg.batch_size
     bar = tqdm(total=len(todo), desc="generate + judge", unit="image")
-    # one guidance per forward pass: prompt files may set it per row
-    todo.sort(key=lambda fk: fk[0].guidance)
-    for start in range(0, len(todo), batch):
-        chunk = [fk for fk in todo[start : start + batch] if fk[0].guidance == todo[start][0].guidance]
+    for chunk in guidance_batches(todo, session.cfg.batch_size):
         _generate_batch(ctx, judge, chunk, index)
         bar.update(len(chunk))
-        if len(chunk) < len(todo[start : start + batch]):
-            rest = todo[start + len(chunk) : start + batch]
-            _generate_batch(ctx, judge, rest, index)
-            bar.update(len(rest))
     bar.close()
+
+
+def guidance_batches(todo: list[tuple[Found, int]], size: int) -> list[list[tuple[Found, int]]]:
+    """Batches of at most `size` images, each of one guidance scale (a forward pass has one; prompt files
+    such as I2P's set it per row): grouped by guidance first, in order of first appearance, then cut."""
+    groups: dict[float, list] = {}
+    for item in todo:
+        groups.setdefault(item[0].guidance, []).append(item)
+    return [g[i : i + size] for g in groups.values() for i in range(0, len(g), size)]
 
 
 def _generate_batch(ctx: AttackContext, judge, chunk: list[tuple[Found, int]], index: Path) -> None:
@@ -241,34 +214,26 @@ def _generate_batch(ctx: AttackContext, judge, chunk: list[tuple[Found, int]], i
 
 
 def summarise(name: str, session: _Session, settings, judge, found, records, prepared) -> dict:
-    cfg, by_id = session.cfg, {}
-    for r in records:
-        by_id.setdefault(r["id"], []).append(r)
-    categories = {t.id: t.category for t in session.targets}
-    prompts = []
-    for f in found:
-        imgs = sorted(by_id.get(f.id, []), key=lambda r: r["k"])
-        prompts.append(
-            {
-                "id": f.id,
-                "category": categories.get(f.id, ""),
-                "source": f.source,
-                "prompt": f.prompt,
-                "guidance": f.guidance,
-                "concept_rate": sum(r["present"] for r in imgs) / max(1, len(imgs)),
-                "images": imgs,
-                "details": f.details,
-            }
+    cfg = session.cfg
+    prompts = _prompt_rows(session, found, records)
+    kept = [p for p in prompts if not p["details"].get("excluded")]
+    flat = [r for p in kept for r in p["images"]]
+    if not flat:
+        reasons = sorted({str(p["details"]["excluded"]) for p in prompts if p not in kept})
+        raise UserError(
+            f"{name}: every one of the {len(prompts)} targets was excluded ({'; '.join(reasons)}), so there is no "
+            "rate to report. Use more targets (--n-prompts), other prompts (--prompts-file), or keep them all "
+            "(see the attack's --help)."
         )
-    flat = [r for p in prompts for r in p["images"]]
     dsr = rate_with_interval(sum(not r["present"] for r in flat), len(flat))
     return {
         "attack": name,
         "dsr": dsr,
         "asr": 1.0 - dsr["rate"],
         # UnlearnDiffAtk's convention: a prompt is broken if any of its images shows the concept
-        "prompts_broken": sum(p["concept_rate"] > 0 for p in prompts) / len(prompts),
-        "n_prompts": len(prompts),
+        "prompts_broken": sum(p["concept_rate"] > 0 for p in kept) / max(1, len(kept)),
+        "n_prompts": len(kept),
+        **attack_asr(kept),
         "concept": {"name": session.concept.name, "source": session.concept.source},
         "judge": judge.provenance(),
         "model": {"ref": cfg.model, "loras": [list(parse_lora_spec(s)) for s in cfg.lora or []]},
@@ -283,7 +248,41 @@ def summarise(name: str, session: _Session, settings, judge, found, records, pre
             "dtype": cfg.dtype,
         },
         "prepare": prepared,
-        "prompts": prompts,
+        "prompts": kept,
+        "excluded": [{k: p[k] for k in ("id", "source", "details")} for p in prompts if p not in kept],
         "versions": package_versions(),
         "written": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+
+
+def _prompt_rows(session: _Session, found: list[Found], records: list[dict]) -> list[dict]:
+    by_id, categories = {}, {t.id: t.category for t in session.targets}
+    for r in records:
+        by_id.setdefault(r["id"], []).append(r)
+    rows = []
+    for f in found:
+        imgs = sorted(by_id.get(f.id, []), key=lambda r: r["k"])
+        rows.append(
+            {
+                "id": f.id,
+                "category": categories.get(f.id, ""),
+                "source": f.source,
+                "prompt": f.prompt,
+                "guidance": f.guidance,
+                "concept_rate": sum(r["present"] for r in imgs) / max(1, len(imgs)),
+                "images": imgs,
+                "details": f.details,
+            }
+        )
+    return rows
+
+
+def attack_asr(prompts: list[dict]) -> dict:
+    """pre_asr / post_asr where the attack judged in its loop (UnlearnDiffAtk's two numbers): the share of
+    targets whose plain prompt already showed the concept, and of those broken before or during the attack."""
+    flags = [p["details"] for p in prompts]
+    if not flags or not all("pre_attack_success" in d for d in flags):
+        return {}
+    pre = [bool(d["pre_attack_success"]) for d in flags]
+    post = [a or bool(d.get("attack_success")) for a, d in zip(pre, flags)]
+    return {"pre_asr": sum(pre) / len(pre), "post_asr": sum(post) / len(post)}

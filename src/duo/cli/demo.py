@@ -49,8 +49,11 @@ def format_table(r: dict) -> str:
     original, duo = ({row["label"]: row for row in c["rows"]}[label] for label in ("original", "DUO"))
     rows.append(("PP, 1 − LPIPS-style (duo evaluate)", original["pp"]["mean"], duo["pp"]["mean"]))
     rows.append(("FID vs original (judge features)", original["fid"]["mean"], duo["fid"]["mean"]))
+    from duo.compare import column_name
+
     for name, cell in c["points"]["DUO"]["attacks"].items():
-        rows.append((f"DSR under {name} (n={cell['n']})", original["dsr"][name]["mean"], duo["dsr"][name]["mean"]))
+        label = f"DSR under {column_name(name)} (n={cell['n']})"
+        rows.append((label, original["dsr"][name]["mean"], duo["dsr"][name]["mean"]))
     lines = [f"{'':40}{'original':>10}{'DUO':>10}"]
     lines += [f"{name:40}{x:>10.3f}{y:>10.3f}" for name, x, y in rows]
     lines.append(f"whole loop: {r['seconds']} s")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 
+from duo.data.splits import empty_held_out, is_held_out, parse_held_out
 from duo.errors import UserError
 
 PRESETS = Path(__file__).resolve().parent.parent / "concepts"
@@ -26,6 +27,7 @@ TOP_KEYS = {
     "neighbours",
     "parts",
     "train",
+    "held_out",
 }
 PART_KEYS = {"name", "pairs", "unsafe", "safe", "negative", "vars", "strength"}
 
@@ -42,12 +44,17 @@ class ConceptPart:
     # what must stay (a shape, a background), a template of the concept words alone keeps it.
     negative: str | None = None
 
-    def prompt_pairs(self, seed: int) -> list[tuple[str, str, str]]:
-        """(unsafe, safe, negative) prompts of every pair: variable combinations shuffled once, then cycled."""
+    def prompt_pairs(self, seed: int, held_out: dict | None = None) -> list[tuple[str, str, str]]:
+        """(unsafe, safe, negative) prompts of every pair: variable combinations shuffled once, then cycled.
+
+        Combinations of the concept's held-out grammar (`duo.data.splits`) are skipped: curation never sees them.
+        """
         keys = sorted(self.vars)
         combos = [dict(zip(keys, values)) for values in itertools.product(*(self.vars[k] for k in keys))]
         random.Random(f"{seed}-{self.name}").shuffle(combos)
-        combos = combos or [{}]
+        combos = [c for c in combos if not is_held_out(c, held_out)] if combos else [{}]
+        if not combos:
+            raise UserError(f"part '{self.name}': held_out leaves no combination of its variables for curation")
         negative = self.negative or self.unsafe
         return [
             (self.unsafe.format(**c), self.safe.format(**c), negative.format(**c))
@@ -69,6 +76,7 @@ class Concept:
     unsafe_words: list[str] = field(default_factory=list)
     neighbours: list[str] = field(default_factory=list)
     train: dict = field(default_factory=dict)  # training defaults for this concept (explicit flags win)
+    held_out: dict = field(default_factory=empty_held_out)  # grammar curation never uses (duo.data.splits)
     source: str = ""
 
     def part(self, name: str) -> ConceptPart:
@@ -146,7 +154,8 @@ def concept_from_dict(data, source: str = "<dict>") -> Concept:
     parts = [_part(p, source) for p in parts_raw]
     if len({p.name for p in parts}) != len(parts):
         _fail(source, "part names must be unique")
-    kwargs = {k: data[k] for k in TOP_KEYS - {"parts"} if k in data}
+    kwargs = {k: data[k] for k in TOP_KEYS - {"parts", "held_out"} if k in data}
+    kwargs["held_out"] = parse_held_out(data.get("held_out"), source, parts)
     concept = Concept(parts=parts, source=source, **kwargs)
     if not 0.0 < concept.strength <= 1.0:
         _fail(source, f"strength must be in (0, 1], got {concept.strength}")

@@ -15,7 +15,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from duo.data.concepts import Concept, load_concept
-from duo.data.files import append_jsonl, atomic_save_image, read_jsonl
+from duo.data.files import append_jsonl, atomic_save_image, atomic_write_text, read_jsonl
 from duo.errors import UserError
 from duo.runs import RunFolder, package_versions  # noqa: F401  (package_versions: older import path)
 
@@ -95,7 +95,7 @@ def plan_pairs(concept: Concept, cfg: CurateConfig) -> list[PairJob]:
         if cfg.pairs is not None:
             part = type(part)(**{**asdict(part), "pairs": cfg.pairs})
         strength = cfg.strength or part.strength or concept.strength
-        for i, (unsafe, safe, negative) in enumerate(part.prompt_pairs(cfg.seed)):
+        for i, (unsafe, safe, negative) in enumerate(part.prompt_pairs(cfg.seed, concept.held_out)):
             jobs.append(
                 PairJob(
                     f"{part.name}-{i:05d}",
@@ -160,8 +160,22 @@ def curate(cfg: CurateConfig) -> Path:
     if jobs:
         _make_all(_Generator(family, judge, settings, cfg, out), jobs, len(done), manifest, cfg.batch_size)
     records = read_jsonl(manifest)
-    run.finish([MANIFEST] + [r[side]["file"] for r in records for side in ("unsafe", "safe")])
+    write_prompts_used(out, records)
+    run.finish([MANIFEST, PROMPTS_USED] + [r[side]["file"] for r in records for side in ("unsafe", "safe")])
     return manifest
+
+
+PROMPTS_USED = "prompts_used.json"
+
+
+def write_prompts_used(out: Path, records: list[dict]) -> None:
+    """The prompts curation used (every prompt a LoRA trained on these pairs may have seen), with their hash:
+    attacks keep their held-out targets out of this list."""
+    import json
+
+    used = {side: sorted({r[side]["prompt"] for r in records}) for side in ("unsafe", "safe")}
+    digest = hashlib.sha256(json.dumps(used, sort_keys=True).encode()).hexdigest()
+    atomic_write_text(out / PROMPTS_USED, json.dumps({**used, "sha256": digest}, indent=2))
 
 
 def _make_all(gen, jobs: list[PairJob], done: int, manifest: Path, batch_size: int) -> None:

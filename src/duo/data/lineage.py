@@ -52,6 +52,18 @@ def lora_lineage(folder: str | Path) -> Lineage:
     return Lineage(str(folder), config.get("model"), pairs, method)
 
 
+def seen_prompts(folders: list[str]) -> set[str] | None:
+    """Every prompt (unsafe and safe) of the pairs the LoRAs were trained on; None if none has a lineage."""
+    from duo.data.curate import MANIFEST
+    from duo.data.files import read_jsonl
+
+    pairs = [x.pairs for x in map(lora_lineage, folders) if x.pairs]
+    if not pairs:
+        return None
+    records = [r for folder in pairs for r in read_jsonl(Path(folder) / MANIFEST)]
+    return {r[side]["prompt"] for r in records for side in ("unsafe", "safe")}
+
+
 def lora_parents(specs: list[str] | None) -> dict[str, str]:
     """The LoRAs of `DIR[:W]` specs as parents of a run folder: lora0, lora1, ... in order."""
     from duo.models.lora_spec import lora_dirs

@@ -198,6 +198,13 @@ class ModelFamily(Protocol):
         gives the same ids, so a searched token sequence survives being returned as a prompt."""
         ...
 
+    def regular_token_ids(self) -> torch.Tensor:
+        """Sorted ids of every token of the vocabulary except special and added tokens (BOS, EOS, padding,
+        placeholders, learned tokens): the search space of attacks that use the whole vocabulary, as the
+        published Ring-A-Bell and UnlearnDiffAtk do. Decoding such ids need not give text that tokenizes back
+        to them (sub-word pieces merge); attacks that return text record what the text encodes to."""
+        ...
+
     def save_textual_inversion(self, path: Path, token: str, vectors: torch.Tensor) -> None:
         """Write (n, dim) vectors for `token` in the format the family's own textual-inversion loader reads."""
         ...

@@ -97,6 +97,11 @@ class StableDiffusionText:
             _WHOLE_WORDS[key] = _scan_whole_words(tokenizer, set(excluded), min_length)
         return _WHOLE_WORDS[key]
 
+    def regular_token_ids(self) -> torch.Tensor:
+        tokenizer = self.pipe.tokenizer
+        special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+        return torch.tensor(sorted(set(tokenizer.get_vocab().values()) - special), dtype=torch.long)
+
     # ---- textual inversion -------------------------------------------------------------------------------
     def save_textual_inversion(self, path: Path, token: str, vectors: torch.Tensor) -> None:
         """{token: (n, dim)} safetensors: loads with `pipe.load_textual_inversion(path, token=token)`."""
