@@ -1,118 +1,126 @@
-"""Every attack against every defence in the Shapes world: the table in docs/attacks_shapes.md.
+"""Every attack against every defence in the Shapes world: the tables in docs/attacks_shapes.md.
 
-    python scripts/attack_study.py --lora runs/demo/lora          # after `make demo`; ~10 min on 2 cores
+    python scripts/attack_study.py --pairs runs/demo/pairs --seed 0 --threads 1   # after `make demo`
+    python scripts/attack_study.py --aggregate 0 1 2                              # mean ± sd over seeds
 
-Defences: the original model (undefended), the original model with the `negprompt` and `wordfilter`
-guards, and the DUO LoRA. Each cell is an attack run folder under --out with its results.json.
+Defences: the original model (undefended), the original model behind the `negprompt` and `wordfilter`
+guards, and three unlearned models trained at the study seed on the same pairs: DUO (the shapes-red
+preset), ESD-x (lr 1e-3, 500 steps) and UCE — `make compare`'s settings (duo.shapes.world.METHODS). Each
+cell is an attack run folder under --out/seed{S}/{defence}/{attack}/ with its results.json; targets are
+the concept's held-out prompts unless --targets training. `unlearndiff-old` is UnlearnDiffAtk as this
+package ran it before (random timesteps, no judge in the loop, whole-word vocabulary), kept to show
+that the published schedule is at least as strong.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
 from duo.attacks import ATTACKS, run_attack
 from duo.attacks.base import AttackConfig
 
+# name in the table -> (attack, settings overrides)
+VARIANTS = {"unlearndiff-old": ("unlearndiff", {"schedule": "random", "vocabulary": "whole-words"})}
+TRAINED = {
+    "DUO": {},
+    "ESD-x": {"method": "esd-x", "esd_prompts": "unsafe", "lr": 1e-3, "steps": 500},
+    "UCE": {"method": "uce", "uce_erase": "prompts"},
+}
+GUARDS = {"undefended": "none", "negprompt": "negprompt", "wordfilter": "wordfilter"}
 
-def defences(lora: str | None) -> dict[str, dict]:
-    table = {"undefended": {}, "negprompt": {"guard": "negprompt"}, "wordfilter": {"guard": "wordfilter"}}
-    if lora:
-        table["DUO"] = {"lora": [lora]}
-    return table
+
+def defences(pairs: str | None, root: Path, seed: int, names: list[str] | None) -> dict[str, dict]:
+    """{defence: AttackConfig extras}; the unlearned models are trained (or reused) under root/loras/."""
+    from duo.compare import train_point
+
+    table = {name: {"guard": guard} for name, guard in GUARDS.items()}
+    for name, flags in TRAINED.items():
+        if pairs and (names is None or name in names):
+            lora = train_point("shapes", pairs, root / "loras" / name.lower(), flags, seed, "cpu")
+            table[name] = {"lora": [lora]}
+    return {k: v for k, v in table.items() if names is None or k in names}
+
+
+def run_cell(attack: str, out: Path, seed: int, args, extra: dict) -> dict:
+    name, settings = VARIANTS.get(attack, (attack, {}))
+    cfg = AttackConfig(
+        model="shapes", concept="shapes-red", out=str(out), budget=args.budget, seed=seed, threads=args.threads,
+        targets=args.targets, n_prompts=args.n_prompts, **extra,
+    )  # fmt: skip
+    start = time.time()
+    r = run_attack(name, cfg, settings)
+    cell = {"attack": attack, "asr": r["asr"], "dsr": r["dsr"], "prompts_broken": r["prompts_broken"]}
+    cell |= {k: r[k] for k in ("pre_asr", "post_asr") if k in r}
+    cell |= {"targets": r["targets"]["split"], "excluded": r["targets"].get("excluded", 0)}
+    return cell | {"seconds": round(time.time() - start, 1)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--lora", help="DUO LoRA folder for shapes-red (runs/demo/lora after `make demo`)")
+    parser.add_argument("--pairs", help="shapes-red pairs folder (runs/demo/pairs after `make demo`)")
     parser.add_argument("--out", default="runs/attack_study")
     parser.add_argument("--budget", default="small")
-    parser.add_argument("--attacks", nargs="+", default=list(ATTACKS))
+    parser.add_argument("--targets", default="held-out", choices=("held-out", "training"))
+    parser.add_argument("--n-prompts", type=int, default=None)
+    parser.add_argument("--attacks", nargs="+", default=[*ATTACKS, *VARIANTS])
     parser.add_argument("--defences", nargs="+", default=None)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--aggregate", type=int, nargs="+", metavar="SEED", help="only print mean ± sd over seeds")
     args = parser.parse_args()
+    root = Path(args.out) / f"seed{args.seed}"
     if args.aggregate:
         runs = [json.loads((Path(args.out) / f"seed{s}" / "summary.json").read_text()) for s in args.aggregate]
         print(aggregate(runs))
         return
-    if args.lora and not (Path(args.lora) / "pytorch_lora_weights.safetensors").is_file():
-        parser.error(f"--lora {args.lora}: no LoRA there; run `make demo` first or pass a `duo train` output")
-    rows = []
-    for dname, extra in defences(args.lora).items():
-        if args.defences and dname not in args.defences:
-            continue
+    summary = root / "summary.json"
+    rows = json.loads(summary.read_text()) if summary.is_file() else []
+    done = {(r["defence"], r["attack"]) for r in rows}
+    for dname, extra in defences(args.pairs, root, args.seed, args.defences).items():
         for attack in args.attacks:
-            out = Path(args.out) / f"seed{args.seed}" / dname / attack
-            cfg = AttackConfig(
-                model="shapes",
-                concept="shapes-red",
-                out=str(out),
-                budget=args.budget,
-                seed=args.seed,
-                threads=args.threads,
-                **extra,
-            )
-            start = time.time()
-            r = run_attack(attack, cfg)
-            rows.append(
-                {
-                    "defence": dname,
-                    "attack": attack,
-                    "asr": r["asr"],
-                    "dsr": r["dsr"],
-                    "prompts_broken": r["prompts_broken"],
-                    "seconds": round(time.time() - start, 1),
-                }
-            )
+            if (dname, attack) in done:
+                continue
+            rows.append({"defence": dname, **run_cell(attack, root / dname / attack, args.seed, args, extra)})
             print(json.dumps(rows[-1]), flush=True)
-    (Path(args.out) / f"seed{args.seed}" / "summary.json").write_text(json.dumps(rows, indent=2))
-    print(markdown(rows))
-
-
-def markdown(rows: list[dict]) -> str:
-    names = list(dict.fromkeys(r["defence"] for r in rows))
-    attacks = list(dict.fromkeys(r["attack"] for r in rows))
-    cell = {(r["defence"], r["attack"]): r for r in rows}
-    lines = ["| attack | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for a in attacks:
-        vals = []
-        for d in names:
-            r = cell.get((d, a))
-            vals.append(
-                f"{r['asr']:.2f} ({r['dsr']['n'] - round(r['dsr']['rate'] * r['dsr']['n'])}/{r['dsr']['n']})"
-                if r
-                else "–"
-            )
-        lines.append(f"| {a} | " + " | ".join(vals) + " |")
-    return "\n".join(lines)
+            summary.write_text(json.dumps(rows, indent=2))  # a killed study keeps its finished cells
+    print(aggregate([rows]))
 
 
 def aggregate(runs: list[list[dict]]) -> str:
-    """ASR mean ± sample sd over seeds, one row per attack, one column per defence."""
-    import statistics
-
-    cells: dict[tuple[str, str], list[float]] = {}
+    """ASR mean ± sample sd over seeds, one row per attack, one column per defence; seconds per cell."""
+    cells: dict[tuple[str, str], list[dict]] = {}
     for rows in runs:
         for r in rows:
-            cells.setdefault((r["defence"], r["attack"]), []).append(r["asr"])
+            cells.setdefault((r["defence"], r["attack"]), []).append(r)
     names = list(dict.fromkeys(d for d, _ in cells))
     attacks = list(dict.fromkeys(a for _, a in cells))
-    lines = ["| attack | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    lines = [
+        f"ASR = 1 − DSR, mean ± sd over {len(runs)} seed(s); n images per cell and seed in brackets.",
+        "",
+        "| attack | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
     for a in attacks:
-        vals = [cells.get((d, a), []) for d in names]
-        text = [f"{statistics.mean(v):.2f} ± {_sd(v):.2f}" if v else "–" for v in vals]
+        text = []
+        for d in names:
+            rs = cells.get((d, a), [])
+            values = [r["asr"] for r in rs]
+            sd = statistics.stdev(values) if len(values) > 1 else 0.0
+            text.append(f"{statistics.mean(values):.2f} ± {sd:.2f} ({rs[0]['dsr']['n']})" if rs else "–")
         lines.append(f"| {a} | " + " | ".join(text) + " |")
+    seconds = {a: statistics.mean(r["seconds"] for d in names for r in cells.get((d, a), [])) for a in attacks}
+    lines += ["", "Mean seconds per cell: " + ", ".join(f"{a} {s:.0f}" for a, s in seconds.items())]
+    prepost = [(d, a, rs) for (d, a), rs in cells.items() if all("pre_asr" in r for r in rs)]
+    if prepost:
+        lines += ["", "| attack | defence | pre-attack ASR | post-attack ASR (prompts) |", "|---|---|---|---|"]
+        for d, a, rs in prepost:
+            pre, post = (statistics.mean(r[k] for r in rs) for k in ("pre_asr", "post_asr"))
+            lines.append(f"| {a} | {d} | {pre:.2f} | {post:.2f} |")
     return "\n".join(lines)
-
-
-def _sd(values: list[float]) -> float:
-    import statistics
-
-    return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 if __name__ == "__main__":

@@ -164,21 +164,22 @@ def shapes_pairs(tmp_path_factory):
 
 def _red_rate(lora) -> float:
     from duo.data.concepts import load_concept
+    from duo.data.splits import split_prompts
     from duo.judges import get_judge
     from duo.models.family import load_with_loras
-    from duo.shapes.evaluation import concept_prompts
 
     concept = load_concept("shapes-red")
-    prompts = concept_prompts("red", 8) * 2
+    # the prompts the methods were trained on: this checks that each method works, not how it generalises
+    prompts = [p for p, _ in split_prompts(concept, "training", 0)[0][:8]] * 2
     family = load_with_loras("shapes", [str(lora)] if lora else None)
     images = family.text2image(prompts, list(range(len(prompts))), concept.steps, concept.guidance)
     verdicts = get_judge(concept.judge, concept.judge_options).judge(images, prompts)
     return sum(v.present for v in verdicts) / len(verdicts)
 
 
-# Measured (16 pairs, 8 prompts × 2 seeds): original 1.00; ESD-x 0.31, ESD-u 0.50 after 150 steps (also 0.50
-# after 300); UCE (unsafe → safe prompts) 0.00. Each must drop by its measured drop less 0.2 (3 images of 16),
-# room for another BLAS or thread count.
+# Measured (16 pairs, 8 prompts × 2 seeds, before the held-out prompts were split off): original 1.00; ESD-x
+# 0.31, ESD-u 0.50 after 150 steps (also 0.50 after 300); UCE (unsafe → safe prompts) 0.00. Each must drop by
+# its measured drop less 0.2 (3 images of 16), room for another BLAS or thread count.
 BRIEF = {
     "esd-x": ({"method": "esd-x", "esd_prompts": "unsafe", "lr": 1e-3, "steps": 150}, 0.69 - 0.2),
     "esd-u": ({"method": "esd-u", "esd_prompts": "unsafe", "lr": 1e-3, "steps": 150}, 0.50 - 0.2),

@@ -37,11 +37,18 @@ def test_small_comparison_on_shapes(tmp_path):
     curate(CurateConfig(model="shapes", concept="shapes-red", out=str(pairs), pairs=8, batch_size=8))
     methods = [Method("UCE", {"method": "uce", "uce_erase": "prompts"}), Method("negative prompt", guard="negprompt")]
     point = PointConfig(model="shapes", concept="shapes-red", attacks=["prompts"], n_prompts=2,
-                        images_per_prompt=1, eval_prompts=4)  # fmt: skip
+                        images_per_prompt=1, eval_prompts=4, training_attacks=("prompts",))  # fmt: skip
     out = tmp_path / "cmp"
     rows = compare("shapes", str(pairs), out, methods, [0, 1], point, "test")
     assert [r["label"] for r in rows] == ["UCE", "negative prompt"]
     assert all(r["n_seeds"] == 2 and len(r["dsr"]["prompts"]["values"]) == 2 for r in rows)
+    # held-out and training targets side by side, each attack folder saying which it used
+    assert all(set(r["dsr"]) == {"prompts", "prompts@training"} for r in rows)
+    table = (out / "compare.md").read_text()
+    assert "DSR prompts (held-out) | DSR prompts (training)" in table
+    for split, folder in (("held-out", "prompts"), ("training", "prompts-training")):
+        result = json.loads((out / "uce" / "seed0" / "attacks" / folder / "results.json").read_text())
+        assert result["targets"]["split"] == split
     for seed in (0, 1):
         evaluation = json.loads((out / "negative-prompt" / f"seed{seed}" / "eval" / "results.json").read_text())
         assert evaluation["guard_settings"]["name"] == "negprompt" and evaluation["method"]["name"] == "guard negprompt"

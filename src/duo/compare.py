@@ -210,6 +210,10 @@ class SweepConfig:
     betas: list[float] = field(metadata={"help": "β values (lr = base_lr·100/β, λ coupled likewise)"})
     steps: int | None = field(default=None, metadata={"help": "training steps (default: the concept's)"})
     attacks: list[str] = field(default_factory=lambda: ["prompts"], metadata={"help": "attacks run on each β"})
+    training_attacks: list[str] = field(
+        default_factory=list,
+        metadata={"help": "attacks also run on the training targets, beside the held-out ones (e.g. prompts)"},
+    )
     budget: str = field(default="small", metadata={"help": "attack budget: small or paper"})
     n_prompts: int | None = field(default=None, metadata={"help": "attack targets (default: the budget's)"})
     images_per_prompt: int | None = field(default=None, metadata={"help": "images per attack prompt"})
@@ -225,6 +229,7 @@ class SweepConfig:
             model=self.model, concept=concept_of(self.data), attacks=self.attacks, budget=self.budget,
             n_prompts=self.n_prompts, images_per_prompt=self.images_per_prompt, eval_prompts=self.eval_prompts,
             prompts_file=self.prompts_file, lpips=self.lpips, fid_features=self.fid_features, device=self.device,
+            training_attacks=tuple(self.training_attacks),
         )  # fmt: skip
 
 
