@@ -8,7 +8,8 @@ guards, and three unlearned models trained at the study seed on the same pairs: 
 preset), ESD-x (lr 1e-3, 500 steps) and UCE — `make compare`'s settings (duo.shapes.world.METHODS). Each
 cell is an attack run folder under --out/seed{S}/{defence}/{attack}/ with its results.json; targets are
 the concept's held-out prompts unless --targets training. `unlearndiff-old` is UnlearnDiffAtk as this
-package ran it before (random timesteps, no judge in the loop, whole-word vocabulary), kept to show
+package ran it before (200 steps at random timesteps, PEZ projection, no judge in the loop, whole-word
+vocabulary, no target filter), kept to show
 that the published schedule is at least as strong.
 """
 
@@ -22,9 +23,10 @@ from pathlib import Path
 
 from duo.attacks import ATTACKS, run_attack
 from duo.attacks.base import AttackConfig
+from duo.attacks.settings.unlearndiff import EARLIER
 
 # name in the table -> (attack, settings overrides)
-VARIANTS = {"unlearndiff-old": ("unlearndiff", {"schedule": "random", "vocabulary": "whole-words"})}
+VARIANTS = {"unlearndiff-old": ("unlearndiff", EARLIER)}
 TRAINED = {
     "DUO": {},
     "ESD-x": {"method": "esd-x", "esd_prompts": "unsafe", "lr": 1e-3, "steps": 500},

@@ -188,6 +188,7 @@ def test_white_box_attacks_record_that_they_do_not_follow_sld(tmp_path, shapes, 
     from duo.attacks import concept_inversion as ci
     from duo.attacks import unlearndiff as ud
     from duo.attacks.base import AttackConfig, AttackContext, Target, target_id
+    from duo.attacks.settings.unlearndiff import EARLIER as EARLIER_UD
 
     prompt = "a red circle on a black background"
     targets = [Target(target_id(0, prompt), prompt, 3, 5.0)]
@@ -196,7 +197,7 @@ def test_white_box_attacks_record_that_they_do_not_follow_sld(tmp_path, shapes, 
         cfg = AttackConfig(model="shapes", concept="shapes-red", out=str(tmp_path), guard=guard)
         return AttackContext(shapes, red, make_guard(guard, red.unsafe_words), cfg, tmp_path, targets, steps=2)
 
-    s = ud.Settings(k=2, iterations=1, eval_draws=2, guard_aware=True)
+    s = ud.Settings(**(EARLIER_UD | {"k": 2, "iterations": 1, "eval_draws": 2, "guard_aware": True}))
     aware = {g: ud.attack(ctx(g), s, targets[0]).details["guard_aware"] for g in ("wordfilter", "sld", "sld-max")}
     assert aware == {"wordfilter": True, "sld": False, "sld-max": False}
     assert ci._guidance(ctx("negprompt"), ci.Settings()) is not None  # learned through negprompt only
