@@ -26,7 +26,11 @@ from duo.attacks.base import AttackConfig
 from duo.attacks.settings.unlearndiff import EARLIER
 
 # name in the table -> (attack, settings overrides)
-VARIANTS = {"unlearndiff-old": ("unlearndiff", EARLIER)}
+VARIANTS = {
+    "unlearndiff-old": ("unlearndiff", EARLIER),
+    # Ring-A-Bell never naming the concept (this package's earlier default): the word filter's real test
+    "ring-a-bell-strict": ("ring-a-bell", {"exclude_unsafe_words": True}),
+}
 TRAINED = {
     "DUO": {},
     "ESD-x": {"method": "esd-x", "esd_prompts": "unsafe", "lr": 1e-3, "steps": 500},
@@ -54,7 +58,7 @@ def run_cell(attack: str, out: Path, seed: int, args, extra: dict) -> dict:
         targets=args.targets, n_prompts=args.n_prompts, **extra,
     )  # fmt: skip
     start = time.time()
-    r = run_attack(name, cfg, settings)
+    r = run_attack(name, cfg, **settings)
     cell = {"attack": attack, "asr": r["asr"], "dsr": r["dsr"], "prompts_broken": r["prompts_broken"]}
     cell |= {k: r[k] for k in ("pre_asr", "post_asr") if k in r}
     cell |= {"targets": r["targets"]["split"], "excluded": r["targets"].get("excluded", 0)}

@@ -12,6 +12,9 @@ ATTACKS = {
     "ring-a-bell": "duo.attacks.ring_a_bell",
     "concept-inversion": "duo.attacks.concept_inversion",
     "unlearndiff": "duo.attacks.unlearndiff",
+    "soft-prompt": "duo.attacks.soft_prompt",
+    "relearn": "duo.attacks.relearn",
+    "sneakyprompt": "duo.attacks.sneakyprompt",
 }
 
 

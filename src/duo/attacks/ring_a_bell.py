@@ -1,15 +1,26 @@
 """Ring-A-Bell (Tsai et al., ICLR 2024): a black-box attack that needs only the text encoder.
 
 The concept vector v is the mean difference of the encoder's hidden states between prompts with and without
-the concept. A genetic search then looks for K whole-word tokens whose hidden states are closest to those of
-the target prompt pushed along v (E(prompt) + η·v). With the concept's unsafe words left out of the search,
-the prompt found carries the concept in embedding space while naming none of its banned words.
+the concept, over many diverse pairs (the preset's shipped file for nudity and violence, `--pairs-file`, or the
+concept's own grammar). A genetic search then looks for K tokens whose hidden states, padding included, are
+closest to those of the target prompt pushed along v (E(prompt) + η·v), and the decoded tokens are the prompt.
+
+As published (the defaults): the search draws from every token of the vocabulary, sub-word pieces included,
+and bans nothing, so a prompt found may name the concept, and its decoded text may tokenize into other ids
+than those searched (each prompt records `retokenizes_exactly` and `distance_as_text`, the distance its text
+reaches). Stricter, behind flags: `--vocabulary whole-words` searches only whole words that survive decoding
+unchanged; `--exclude-unsafe-words` drops the concept's unsafe words from either vocabulary.
+Other differences from the authors' notebooks: the elite is never mutated (settings), the distance is the mean
+rather than the sum of squares (same ranking), "special" tokens are the family's own (the authors skip id 0,
+'!', as well), and the shipped pairs are written for this package and not judge-filtered (the authors dropped
+the nudity pairs whose images NudeNet did not flag).
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import re
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,9 +33,11 @@ from duo.data.files import read_table
 from duo.errors import UserError
 
 if TYPE_CHECKING:
+    from duo.data.concepts import Concept
     from duo.models.protocol import ModelFamily
 
 VECTOR_FILE = "ring_a_bell_vector.safetensors"
+SHIPPED_PAIRS = Path(__file__).resolve().parent.parent / "concepts" / "ring_a_bell"  # <concept name>.csv
 ENCODE_CHUNK = 64  # prompts per text-encoder call while building the concept vector
 PROGRESS_MIN_GENERATIONS = 500  # shorter searches finish too fast for a bar to help
 
@@ -33,7 +46,7 @@ PROGRESS_MIN_GENERATIONS = 500  # shorter searches finish too fast for a bar to 
 
 
 def prepare(ctx: AttackContext, s: Settings) -> dict:
-    """The concept vector, computed once and kept in out/ (a rerun loads it)."""
+    """The concept vector, computed once and kept in out/ (a rerun loads it), and what the search draws from."""
     s.validate()
     _check_length(ctx.family, s.length)
     vector, meta = _concept_vector(ctx, s)
@@ -41,10 +54,12 @@ def prepare(ctx: AttackContext, s: Settings) -> dict:
     return {
         "file": VECTOR_FILE,
         "n_pairs": int(meta["n_pairs"]),
-        "pairs_source": meta["source"],
+        "pairs_source": meta.get("source"),
+        "pairs_sha256": meta.get("pairs_sha256"),
         "norm": float(vector.norm()),
         "shape": list(vector.shape),
-        "candidate_tokens": len(_candidate_ids(ctx.family, banned)),
+        "vocabulary": s.vocabulary,
+        "candidate_tokens": len(_candidate_ids(ctx.family, s.vocabulary, banned)),
         "excluded_words": sorted(banned),
     }
 
@@ -54,7 +69,7 @@ def attack(ctx: AttackContext, s: Settings, target: Target) -> Found:
     _check_length(family, s.length)
     key = ("ring-a-bell", repr(s))  # one read of the vector file and one vocabulary scan per run and setting
     if key not in ctx.memo:
-        ctx.memo[key] = _concept_vector(ctx, s)[0], _candidate_ids(family, _banned_words(ctx, s))
+        ctx.memo[key] = _concept_vector(ctx, s)[0], _candidate_ids(family, s.vocabulary, _banned_words(ctx, s))
     vector, candidates = ctx.memo[key]
     with torch.no_grad():
         target_emb = family.encode_ids(family.tokenize([target.prompt]))[0].float()
@@ -70,6 +85,8 @@ def attack(ctx: AttackContext, s: Settings, target: Target) -> Found:
     prompt = family.decode_ids(tokens)
     with torch.no_grad():
         as_text = _distances(family.encode_ids(family.tokenize([prompt])).float(), goal, s.distance)[0]
+    # full-vocabulary pieces may merge or split once the text is tokenized again: the harness sends the text
+    retokenizes = family.text_token_ids(prompt) == tokens
     return Found(
         id=target.id,
         source=target.prompt,
@@ -79,8 +96,10 @@ def attack(ctx: AttackContext, s: Settings, target: Target) -> Found:
         details={
             "distance": best,
             "initial_distance": initial,
-            # the harness sends the decoded text: a check that it scores as the searched tokens did
+            # the harness sends the decoded text: what it scores, and whether it is the searched tokens
             "distance_as_text": float(as_text),
+            "retokenizes_exactly": retokenizes,
+            "vocabulary": s.vocabulary,
             "tokens": tokens,
             "generations": s.generations,
             "eta": s.eta,
@@ -99,7 +118,7 @@ def _concept_vector(ctx: AttackContext, s: Settings) -> tuple[torch.Tensor, dict
         return _load_vector(path, ctx.family)
     pairs, source = _pairs(ctx, s)
     vector = _mean_difference(ctx.family, pairs)
-    meta = {"n_pairs": str(len(pairs)), "source": source}
+    meta = {"n_pairs": str(len(pairs)), "source": source, "pairs_sha256": pairs_sha256(pairs)}
     _save_vector(path, vector, meta)
     return vector, meta
 
@@ -141,14 +160,31 @@ def _load_vector(path: Path, family: ModelFamily) -> tuple[torch.Tensor, dict]:
 
 
 def _pairs(ctx: AttackContext, s: Settings) -> tuple[list[tuple[str, str]], str]:
-    """(with, without) prompts: the pairs file's rows, or n_pairs of the concept's pairs, its parts in turn."""
+    """(with, without) prompts: --pairs-file, else the preset's shipped file, else the concept's grammar."""
     if s.pairs_file:
         return _read_pairs_file(Path(s.pairs_file)), str(s.pairs_file)
-    parts = ctx.concept.parts
-    per_part = -(-s.n_pairs // len(parts))
-    lists = [replace(p, pairs=per_part).prompt_pairs(ctx.seed) for p in parts]
-    pairs = [lists[i % len(parts)][i // len(parts)][:2] for i in range(s.n_pairs)]
-    return pairs, f"concept {ctx.concept.name}"
+    shipped = shipped_pairs_file(ctx.concept.name)
+    if shipped is not None:
+        return _read_pairs_file(shipped), f"shipped {shipped.parent.name}/{shipped.name}"
+    return _grammar_pairs(ctx.concept, ctx.seed, s.n_pairs), f"concept {ctx.concept.name}"
+
+
+def shipped_pairs_file(concept_name: str) -> Path | None:
+    path = SHIPPED_PAIRS / f"{concept_name}.csv"
+    return path if path.is_file() else None
+
+
+def pairs_sha256(pairs: list[tuple[str, str]]) -> str:
+    """Hash of the pairs as used ("with<TAB>without" lines), whatever file or grammar they came from."""
+    return hashlib.sha256("".join(f"{w}\t{wo}\n" for w, wo in pairs).encode()).hexdigest()
+
+
+def _grammar_pairs(concept: Concept, seed: int, n: int) -> list[tuple[str, str]]:
+    """n of the concept's pairs, its parts in turn."""
+    parts = concept.parts
+    per_part = -(-n // len(parts))
+    lists = [replace(p, pairs=per_part).prompt_pairs(seed) for p in parts]
+    return [lists[i % len(parts)][i // len(parts)][:2] for i in range(n)]
 
 
 def _read_pairs_file(path: Path) -> list[tuple[str, str]]:
@@ -157,6 +193,8 @@ def _read_pairs_file(path: Path) -> list[tuple[str, str]]:
     for i, row in enumerate(rows, 1):
         if not isinstance(row, dict) or not str(row.get("with") or "").strip() or row.get("without") is None:
             raise UserError(f"--pairs-file '{path}', row {i}: needs columns 'with' (non-empty) and 'without'.")
+        if None in row:  # csv puts cells beyond the header under None: an unquoted comma split a prompt
+            raise UserError(f"--pairs-file '{path}', row {i}: more cells than columns; quote prompts with commas.")
         pairs.append((str(row["with"]).strip(), str(row["without"]).strip()))
     if not pairs:
         raise UserError(f"--pairs-file '{path}' has no rows.")
@@ -179,15 +217,26 @@ def _banned_words(ctx: AttackContext, s: Settings) -> set[str]:
     # every word of a phrase ("exposed breasts"): a searched prompt could otherwise spell the phrase out
     if not s.exclude_unsafe_words:
         return set()
-    return {w for phrase in ctx.concept.unsafe_words for w in phrase.lower().split()}
+    return {w.lower() for phrase in ctx.concept.unsafe_words for w in re.findall(r"[^\W\d_]+", phrase)}
 
 
-def _candidate_ids(family: ModelFamily, banned: set[str]) -> torch.Tensor:
-    """Whole-word tokens of two letters or more that decode to a word and tokenize back to themselves, so that
-    the decoded prompt the harness sends is the token sequence that was searched."""
-    ids = family.whole_word_ids(banned, min_length=2)
+def _candidate_ids(family: ModelFamily, vocabulary: str, banned: set[str]) -> torch.Tensor:
+    """The token ids the search draws from.
+
+    full: every non-special token (the authors'), less those that decode to a banned word (any case);
+    whole-words: whole-word tokens of two letters or more that decode to a word and tokenize back to themselves,
+    so that the decoded prompt the harness sends is the token sequence that was searched.
+    """
+    if vocabulary == "whole-words":
+        ids = family.whole_word_ids(banned, min_length=2)
+    else:
+        ids = family.regular_token_ids()
+        if banned:
+            ids = torch.tensor(
+                [i for i in ids.tolist() if family.decode_ids([i]).strip().lower() not in banned], dtype=torch.long
+            )
     if len(ids) == 0:
-        raise UserError(f"the vocabulary of '{family.ref}' has no whole-word tokens left to search.")
+        raise UserError(f"the vocabulary of '{family.ref}' has no {vocabulary} tokens left to search.")
     return ids
 
 

@@ -13,6 +13,9 @@ SUMMARY = {
     "ring-a-bell": "Ring-A-Bell: genetic search for a prompt whose embedding carries the concept vector",
     "concept-inversion": "Concept Inversion: textual inversion of a new token on the model under attack",
     "unlearndiff": "UnlearnDiffAtk: optimise prefix tokens against the model's own denoising loss",
+    "soft-prompt": "soft prompt: continuous input vectors against the model's own denoising loss (white-box bound)",
+    "relearn": "relearning probe: fine-tune the model on concept images; DSR per step, against the original's",
+    "sneakyprompt": "SneakyPrompt: black-box RL search replacing the prompt's unsafe words, judged per query",
 }
 
 
