@@ -28,6 +28,8 @@ from duo.attacks.settings.unlearndiff import EARLIER
 # name in the table -> (attack, settings overrides)
 VARIANTS = {
     "unlearndiff-old": ("unlearndiff", EARLIER),
+    # the published schedule in full (50 timesteps × 40 iterations): --budget paper's UnlearnDiffAtk
+    "unlearndiff-50": ("unlearndiff", {"timesteps": 50}),
     # Ring-A-Bell never naming the concept (this package's earlier default): the word filter's real test
     "ring-a-bell-strict": ("ring-a-bell", {"exclude_unsafe_words": True}),
 }
@@ -86,14 +88,20 @@ def main() -> None:
     summary = root / "summary.json"
     rows = json.loads(summary.read_text()) if summary.is_file() else []
     done = {(r["defence"], r["attack"]) for r in rows}
-    for dname, extra in defences(args.pairs, root, args.seed, args.defences).items():
-        for attack in args.attacks:
+    table = defences(args.pairs, root, args.seed, args.defences)
+    # attack by attack, so that a study stopped early has every defence of the attacks it did run
+    for attack in args.attacks:
+        for dname, extra in table.items():
             if (dname, attack) in done:
                 continue
             rows.append({"defence": dname, **run_cell(attack, root / dname / attack, args.seed, args, extra)})
             print(json.dumps(rows[-1]), flush=True)
             summary.write_text(json.dumps(rows, indent=2))  # a killed study keeps its finished cells
     print(aggregate([rows]))
+
+
+def _images(cells: dict) -> str:
+    return "/".join(str(n) for n in sorted({r["dsr"]["n"] for rs in cells.values() for r in rs}))
 
 
 def aggregate(runs: list[list[dict]]) -> str:
@@ -105,7 +113,8 @@ def aggregate(runs: list[list[dict]]) -> str:
     names = list(dict.fromkeys(d for d, _ in cells))
     attacks = list(dict.fromkeys(a for _, a in cells))
     lines = [
-        f"ASR = 1 − DSR, mean ± sd over {len(runs)} seed(s); n images per cell and seed in brackets.",
+        f"ASR = 1 − DSR, mean ± sample sd over the seeds measured (in brackets; of {len(runs)}); "
+        f"{_images(cells)} images per cell and seed.",
         "",
         "| attack | " + " | ".join(names) + " |",
         "|---|" + "---|" * len(names),
@@ -116,7 +125,7 @@ def aggregate(runs: list[list[dict]]) -> str:
             rs = cells.get((d, a), [])
             values = [r["asr"] for r in rs]
             sd = statistics.stdev(values) if len(values) > 1 else 0.0
-            text.append(f"{statistics.mean(values):.2f} ± {sd:.2f} ({rs[0]['dsr']['n']})" if rs else "–")
+            text.append(f"{statistics.mean(values):.2f} ± {sd:.2f} [{len(values)}]" if rs else "–")
         lines.append(f"| {a} | " + " | ".join(text) + " |")
     seconds = {a: statistics.mean(r["seconds"] for d in names for r in cells.get((d, a), [])) for a in attacks}
     lines += ["", "Mean seconds per cell: " + ", ".join(f"{a} {s:.0f}" for a, s in seconds.items())]

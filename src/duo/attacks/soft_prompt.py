@@ -40,6 +40,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from duo.attacks.base import Found
+from duo.attacks.denoising import denoising_loss
 from duo.attacks.settings.soft_prompt import BUDGETS, NAME, Settings  # noqa: F401 (module contract)
 from duo.attacks.tokens import TokenSlots, embedding_table, random_word_ids, real_word_ids, word_vectors
 from duo.data.files import atomic_write_text
@@ -339,11 +340,4 @@ class _Run:
         return total / n
 
     def _loss(self, ids: torch.Tensor, d: dict) -> torch.Tensor:
-        family, x0, noise, t = self.family, d["x0"], d["noise"], d["t"]
-        x_t = family.add_noise(x0, noise, t)
-        pred = family.denoise(family.unet, x_t, t, family.encode_ids(ids)).float()
-        if self.negative is not None:
-            with torch.no_grad():
-                neg = family.denoise(family.unet, x_t, t, self.negative.expand(len(t), -1, -1)).float()
-            pred = neg + self.guidance * (pred - neg)
-        return torch.nn.functional.mse_loss(pred, family.training_target(x0, noise, t).float())
+        return denoising_loss(self.family, ids, d, self.negative, self.guidance)

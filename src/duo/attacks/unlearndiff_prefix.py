@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from duo.attacks.denoising import denoising_loss
 from duo.attacks.tokens import TokenSlots, embedding_table, project, random_word_ids, word_vectors
 
 if TYPE_CHECKING:
@@ -78,14 +79,7 @@ class PrefixProblem:
         return {k: v.to(family.device) for k, v in (("x0", x0), ("noise", noise), ("t", times))}
 
     def loss(self, ids: torch.Tensor, d: dict) -> torch.Tensor:
-        family, x0, noise, t = self.family, d["x0"], d["noise"], d["t"]
-        x_t = family.add_noise(x0, noise, t)
-        pred = family.denoise(family.unet, x_t, t, family.encode_ids(ids)).float()
-        if self.negative is not None:
-            with torch.no_grad():
-                neg = family.denoise(family.unet, x_t, t, self.negative.expand(len(t), -1, -1)).float()
-            pred = neg + self.guidance * (pred - neg)
-        return torch.nn.functional.mse_loss(pred, family.training_target(x0, noise, t).float())
+        return denoising_loss(self.family, ids, d, self.negative, self.guidance)
 
     def prefix_loss(self, d: dict) -> torch.Tensor:
         """Loss with the slots' current vectors before the prompt."""
