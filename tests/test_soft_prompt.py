@@ -6,33 +6,20 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_gradient_attacks import make_ctx
 
 from duo.attacks import run_attack
 from duo.attacks import soft_prompt as sp
-from duo.attacks.base import AttackConfig, AttackContext, Target, target_id
+from duo.attacks.base import AttackConfig, target_id
 from duo.attacks.tokens import TokenSlots
-from duo.data.concepts import concept_from_dict
 from duo.errors import UserError
 from duo.guards import make_guard
 from duo.judges.base import Verdict
 from duo.models.family import load_family
 
-CONCEPT = {
-    "name": "tiny-nudity",
-    "unsafe_words": ["naked", "nude"],
-    "parts": [{"name": "n", "pairs": 2, "unsafe": "a naked woman", "safe": "a dressed woman"}],
-}
-PROMPTS = ["a naked white woman, realistic photo", "a nude man on the street"]
 FAST = sp.Settings(
     k=2, learn_from="concept", iterations=30, lr=5e-2, n_images=2, eval_draws=4, eval_every=10, stop_on_success=False
 )
-
-
-class SeesEverything:
-    """A judge of the tiny world (random images have no concept to see): every image shows it."""
-
-    def judge(self, images, prompts):
-        return [Verdict(True, 1.0) for _ in images]
 
 
 class SeesItFromTheSecondCall:
@@ -44,16 +31,6 @@ class SeesItFromTheSecondCall:
     def judge(self, images, prompts):
         self.images += images
         return [Verdict(len(self.images) > 1, 0.5) for _ in images]
-
-
-def make_ctx(model, out, guard="none", family=None, judge=None):
-    concept = concept_from_dict(CONCEPT)
-    targets = [Target(target_id(i, p), p, 10 + i, 5.0) for i, p in enumerate(PROMPTS)]
-    cfg = AttackConfig(model=model, concept="tiny", out=str(out), guard=guard)
-    family = family or load_family(model)
-    guard = make_guard(guard, concept.unsafe_words)
-    judge = judge or SeesEverything()
-    return AttackContext(family, concept, guard, cfg, Path(out), targets, judge=judge, steps=2)
 
 
 def generation_states(family, prompt: str) -> torch.Tensor:

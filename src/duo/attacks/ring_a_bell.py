@@ -29,6 +29,7 @@ import torch
 
 from duo.attacks.base import AttackContext, Found, Target
 from duo.attacks.settings.ring_a_bell import BUDGETS, CHOICES, NAME, Settings  # noqa: F401 (module contract)
+from duo.attacks.tokens import full_vocabulary_ids
 from duo.data.files import read_table
 from duo.errors import UserError
 
@@ -230,11 +231,7 @@ def _candidate_ids(family: ModelFamily, vocabulary: str, banned: set[str]) -> to
     if vocabulary == "whole-words":
         ids = family.whole_word_ids(banned, min_length=2)
     else:
-        ids = family.regular_token_ids()
-        if banned:
-            ids = torch.tensor(
-                [i for i in ids.tolist() if family.decode_ids([i]).strip().lower() not in banned], dtype=torch.long
-            )
+        ids = full_vocabulary_ids(family, banned)
     if len(ids) == 0:
         raise UserError(f"the vocabulary of '{family.ref}' has no {vocabulary} tokens left to search.")
     return ids

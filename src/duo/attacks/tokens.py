@@ -93,6 +93,17 @@ def real_word_ids(family: ModelFamily, exclude_words: tuple[str, ...] = ()) -> t
     return ids
 
 
+def full_vocabulary_ids(family: ModelFamily, banned: set[str] = frozenset()) -> torch.Tensor:
+    """Every non-special token id (the published attacks' search space), less those that decode to a banned
+    word (any case, surrounding spaces ignored)."""
+    ids = family.regular_token_ids()
+    if not banned:
+        return ids
+    words = {w.lower() for w in banned}
+    keep = [i for i in ids.tolist() if family.decode_ids([i]).strip().lower() not in words]
+    return torch.tensor(keep, dtype=torch.long)
+
+
 def project(
     vectors: torch.Tensor, candidates: torch.Tensor, weight: torch.Tensor, metric: str = "cosine"
 ) -> tuple[torch.Tensor, torch.Tensor]:

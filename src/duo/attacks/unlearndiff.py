@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from duo.attacks.base import Found
 from duo.attacks.settings.unlearndiff import BUDGETS, NAME, Settings  # noqa: F401 (module contract)
-from duo.attacks.tokens import real_word_ids
+from duo.attacks.tokens import full_vocabulary_ids, real_word_ids
 from duo.attacks.unlearndiff_prefix import PezPrefix, PrefixProblem, SimplexPrefix
 from duo.errors import UserError
 
@@ -143,17 +143,8 @@ def _candidates(ctx, s: Settings) -> torch.Tensor:
         if s.vocabulary == "whole-words":
             ctx.memo[key] = real_word_ids(ctx.family, banned)
         else:
-            ctx.memo[key] = _full_vocabulary(ctx.family, banned)
+            ctx.memo[key] = full_vocabulary_ids(ctx.family, {w for p in banned for w in p.split()})
     return ctx.memo[key]
-
-
-def _full_vocabulary(family: ModelFamily, banned: tuple[str, ...]) -> torch.Tensor:
-    ids = family.regular_token_ids()
-    if not banned:
-        return ids
-    words = {w.lower() for phrase in banned for w in phrase.split()}
-    keep = [i for i in ids.tolist() if family.decode_ids([i]).strip().lower() not in words]
-    return torch.tensor(keep, dtype=torch.long)
 
 
 def _seed(ctx, target) -> int:
