@@ -11,11 +11,11 @@ from test_gradient_attacks import make_ctx
 from duo.attacks import run_attack
 from duo.attacks import soft_prompt as sp
 from duo.attacks.base import AttackConfig, target_id
-from duo.attacks.tokens import TokenSlots
 from duo.errors import UserError
 from duo.guards import make_guard
 from duo.judges.base import Verdict
 from duo.models.family import load_family
+from duo.models.token_slots import TokenSlots
 
 FAST = sp.Settings(
     k=2, learn_from="concept", iterations=30, lr=5e-2, n_images=2, eval_draws=4, eval_every=10, stop_on_success=False

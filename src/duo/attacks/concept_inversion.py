@@ -21,9 +21,9 @@ from tqdm.auto import tqdm
 
 from duo.attacks.base import Found
 from duo.attacks.settings.concept_inversion import BUDGETS, NAME, Settings  # noqa: F401 (module contract)
-from duo.attacks.tokens import TokenSlots, word_vectors
 from duo.data.files import atomic_write_bytes, atomic_write_text
 from duo.errors import UserError
+from duo.models.token_slots import TokenSlots, word_vectors
 
 if TYPE_CHECKING:
     from duo.models.protocol import ModelFamily

@@ -42,9 +42,10 @@ from tqdm.auto import tqdm
 from duo.attacks.base import Found
 from duo.attacks.denoising import denoising_loss
 from duo.attacks.settings.soft_prompt import BUDGETS, NAME, Settings  # noqa: F401 (module contract)
-from duo.attacks.tokens import TokenSlots, embedding_table, random_word_ids, real_word_ids, word_vectors
+from duo.attacks.tokens import random_word_ids, real_word_ids
 from duo.data.files import atomic_write_text
 from duo.errors import UserError
+from duo.models.token_slots import TokenSlots, embedding_table, word_vectors
 from duo.seeds import derive_seed
 
 if TYPE_CHECKING:

@@ -82,9 +82,7 @@ class Settings:
     eval_draws: int = field(
         default=8, metadata={"help": "pez: fixed (t, noise) draws that score each projected prefix (keeps the best)"}
     )
-    init: str = field(
-        default="random", metadata={"help": "pez: 'random' tokens (seeded), or a word for every token"}
-    )
+    init: str = field(default="random", metadata={"help": "pez: 'random' tokens (seeded), or a word for every token"})
     metric: str = field(
         default="cosine", metadata={"help": "pez: nearest-token projection", "choices": CHOICES["metric"]}
     )

@@ -1,0 +1,74 @@
+"""Trainable token positions on any model family: the white-box attacks and adversarial training use them.
+
+Placeholder tokens are added to the tokenizer once (and the embedding table grown to hold their ids); while
+`TokenSlots.hooked()` is active, a forward hook on the token embedding swaps their output rows for
+`slots.vectors`, so gradients reach those vectors and nothing else. The placeholders stay in the tokenizer
+afterwards (reused by the next user) but no prompt an attack returns contains them.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+import torch
+
+from duo.errors import UserError
+
+if TYPE_CHECKING:
+    from duo.models.protocol import ModelFamily
+
+PLACEHOLDER = "<duo-slot-{}>"
+
+
+class TokenSlots:
+    """n placeholder tokens whose embeddings are `self.vectors` (n, dim) while `hooked()` is active."""
+
+    def __init__(self, family: ModelFamily, n: int):
+        if n < 1:
+            raise UserError(f"at least one trainable token is needed, got {n}")
+        self.family = family
+        self.names = [PLACEHOLDER.format(i) for i in range(n)]
+        self.ids = family.add_placeholder_tokens(self.names)
+        self.vectors: torch.Tensor | None = None
+
+    @property
+    def text(self) -> str:
+        """The placeholders as prompt text, in slot order."""
+        return " ".join(self.names)
+
+    @contextmanager
+    def hooked(self):
+        embedding = embedding_table(self.family)
+        lookup = torch.full((embedding.num_embeddings,), -1, dtype=torch.long, device=embedding.weight.device)
+        lookup[torch.tensor(self.ids, device=lookup.device)] = torch.arange(len(self.ids), device=lookup.device)
+
+        def swap_rows(module, args, output):
+            slot = lookup[args[0]]
+            rows = self.vectors.to(output.device, output.dtype)[slot.clamp(min=0)]
+            return torch.where((slot >= 0).unsqueeze(-1), rows, output)
+
+        handle = embedding.register_forward_hook(swap_rows)
+        try:
+            yield self
+        finally:
+            handle.remove()
+
+
+def embedding_table(family: ModelFamily) -> torch.nn.Embedding:
+    """The table token vectors are learned in; with several encoders each would need its own vector (not yet)."""
+    tables = family.token_embeddings
+    if len(tables) != 1:
+        raise UserError(
+            f"'{family.ref}' has {len(tables)} text encoders; the white-box attacks support models with one so far."
+        )
+    return tables[0]
+
+
+def word_vectors(family: ModelFamily, word: str, n: int) -> torch.Tensor:
+    """(n, dim) copies of a word's input embedding (the mean of its pieces if it is not one token)."""
+    ids = family.text_token_ids(word)
+    if not ids:
+        raise UserError(f"init word '{word}' gives no tokens; pass a word such as 'a' or 'object'.")
+    weight = embedding_table(family).weight.detach()
+    return weight[ids].float().mean(0, keepdim=True).repeat(n, 1).clone()
