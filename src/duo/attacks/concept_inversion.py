@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
@@ -21,6 +20,7 @@ from tqdm.auto import tqdm
 
 from duo.attacks.base import Found
 from duo.attacks.settings.concept_inversion import BUDGETS, NAME, Settings  # noqa: F401 (module contract)
+from duo.data.concepts import token_prompt
 from duo.data.files import atomic_write_bytes, atomic_write_text
 from duo.errors import UserError
 from duo.models.token_slots import TokenSlots, word_vectors
@@ -35,17 +35,6 @@ log = logging.getLogger(__name__)
 
 
 EVAL_DRAWS = 32  # fixed (image, t, noise) draws that score the initial and the learned token alike
-
-
-def token_prompt(prompt: str, unsafe_words: list[str], token: str) -> str:
-    """The prompt with every unsafe word (whole word, any case) replaced by the token; else the token first."""
-    words = sorted((w for w in unsafe_words if w.strip()), key=len, reverse=True)
-    if words and prompt:
-        pattern = r"\b(" + "|".join(re.escape(w) for w in words) + r")\b"
-        replaced, count = re.subn(pattern, token, prompt, flags=re.IGNORECASE)
-        if count:
-            return replaced
-    return f"{token} {prompt}" if prompt else token
 
 
 def prepare(ctx, s: Settings) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import re
 import string
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -187,3 +188,14 @@ def _part(raw, source: str) -> ConceptPart:
         strength=raw.get("strength"),
         negative=raw.get("negative"),
     )
+
+
+def token_prompt(prompt: str, unsafe_words: list[str], token: str) -> str:
+    """The prompt with every unsafe word (whole word, any case) replaced by the token; else the token first."""
+    words = sorted((w for w in unsafe_words if w.strip()), key=len, reverse=True)
+    if words and prompt:
+        pattern = r"\b(" + "|".join(re.escape(w) for w in words) + r")\b"
+        replaced, count = re.subn(pattern, token, prompt, flags=re.IGNORECASE)
+        if count:
+            return replaced
+    return f"{token} {prompt}" if prompt else token

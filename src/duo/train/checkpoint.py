@@ -12,13 +12,17 @@ from safetensors.torch import load_file, save_file
 from duo.data.files import atomic_write_text
 
 LAST = "last"  # file in checkpoints/ naming the newest complete checkpoint
+METHOD_FILE = "method.safetensors"
 
 
 def checkpoint_dir(out: Path, step: int) -> Path:
     return out / "checkpoints" / f"step-{step:07d}"
 
 
-def save_checkpoint(out: Path, step: int, lora: dict[str, torch.Tensor], optimizer_state: dict) -> Path:
+def save_checkpoint(
+    out: Path, step: int, lora: dict[str, torch.Tensor], optimizer_state: dict, method_state: dict | None = None
+) -> Path:
+    """LoRA, optimizer and the method's own state (adversarial DUO's inner attack) at `step`, all or nothing."""
     final = checkpoint_dir(out, step)
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -27,6 +31,8 @@ def save_checkpoint(out: Path, step: int, lora: dict[str, torch.Tensor], optimiz
     tensors, meta = _flatten_optimizer(optimizer_state)
     save_file(tensors, tmp / "optimizer.safetensors")
     (tmp / "optimizer.json").write_text(json.dumps(meta))
+    if method_state:
+        save_file({k: v.contiguous() for k, v in method_state.items()}, tmp / METHOD_FILE)
     (tmp / "state.json").write_text(json.dumps({"step": step}))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
@@ -42,13 +48,14 @@ def latest_checkpoint(out: Path) -> Path | None:
     return path if (path / "state.json").is_file() else None
 
 
-def load_checkpoint(path: Path) -> tuple[int, dict[str, torch.Tensor], dict]:
+def load_checkpoint(path: Path) -> tuple[int, dict[str, torch.Tensor], dict, dict[str, torch.Tensor]]:
     step = json.loads((path / "state.json").read_text())["step"]
     lora = load_file(path / "lora.safetensors")
     optimizer = _unflatten_optimizer(
         load_file(path / "optimizer.safetensors"), json.loads((path / "optimizer.json").read_text())
     )
-    return step, lora, optimizer
+    method = load_file(path / METHOD_FILE) if (path / METHOD_FILE).is_file() else {}
+    return step, lora, optimizer, method
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:

@@ -17,6 +17,10 @@ import math
 from dataclasses import dataclass, field, fields
 
 from duo.errors import UserError
+from duo.train.advunlearn_config import AdvUnlearnConfig, advunlearn_checks
+
+# The inner attacks of `--adversarial`; how each places its vectors: duo.train.adversary.
+ADVERSARIES = ("none", "concept-inversion", "soft-prompt")
 
 
 def _f(default, help: str, **kw):
@@ -54,6 +58,20 @@ class DuoConfig:
         "prompts of the retain term: each pair's safe prompt, or the concept's neighbours",
         choices=["safe", "neighbours"],
     )
+    adversarial: str = _f(
+        "none",
+        "adversarial DUO: every --adv-every steps an inner attack learns token vectors that bring the concept back "
+        "past the LoRA being trained, and --adv-share of the preference pairs are conditioned on them: none "
+        "(authors), concept-inversion (vectors in place of the concept's words), soft-prompt (vectors before the "
+        "prompt, the concept's words deleted)",
+        choices=list(ADVERSARIES),
+    )
+    adv_every: int = _f(10, "optimizer steps between rounds of the inner attack")
+    adv_steps: int = _f(10, "Adam steps of the inner attack per round (its vectors carry over between rounds)")
+    adv_lr: float = _f(5e-2, "learning rate of the inner attack")
+    adv_vectors: int = _f(3, "trainable token vectors of the inner attack")
+    adv_batch: int = _f(8, "unsafe images per inner-attack step")
+    adv_share: float = _f(0.5, "share of the preference pairs conditioned on the inner attack's prompt")
 
     @property
     def coupled_lr(self) -> float:
@@ -113,6 +131,7 @@ class MethodSpec:
     trained: bool  # optimised by the training loop, so LoopConfig's flags apply (UCE is a closed form)
     summary: str
     default_lr: float | None = None  # None: DUO's coupling lr = base_lr·100/β
+    module: str = "unet"  # where the LoRA sits: "unet", or "text_encoder" (the family's first text encoder)
 
 
 METHODS = {
@@ -120,6 +139,10 @@ METHODS = {
     "esd-u": MethodSpec(EsdConfig, True, "ESD's negative guidance on the non-cross-attention layers", ESD_LR),
     "esd-x": MethodSpec(EsdConfig, True, "ESD's negative guidance on the cross-attention layers", ESD_LR),
     "uce": MethodSpec(UceConfig, False, "closed-form edit of the cross-attention keys and values, no training"),
+    # AdvUnlearn's lr: the authors' 1e-5 fine-tunes the whole text encoder; a LoRA needs more, as ESD's does.
+    "advunlearn": MethodSpec(
+        AdvUnlearnConfig, True, "ESD on the text encoder under a refreshed prefix attack", ESD_LR, "text_encoder"
+    ),
 }
 
 
@@ -194,7 +217,7 @@ def flag_groups() -> list[tuple[str, type]]:
 
 
 @dataclass
-class TrainConfig(UceConfig, EsdConfig, DuoConfig, LoopConfig, RunConfig):
+class TrainConfig(AdvUnlearnConfig, UceConfig, EsdConfig, DuoConfig, LoopConfig, RunConfig):
     """Every part's fields in one flat record (bases listed in reverse so that RunConfig's come first)."""
 
     @property
@@ -272,10 +295,27 @@ def _duo_checks(c: TrainConfig) -> list[tuple[bool, str]]:
             c.keep == "noise+retain" or (c.lam_retain is None and c.retain_prompts == "safe"),
             "--lam-retain and --retain-prompts only apply with --keep noise+retain",
         ),
+        *_adversary_checks(c),
     ]
 
 
-PART_CHECKS = {RunConfig: _run_checks, LoopConfig: _loop_checks, DuoConfig: _duo_checks}
+def _adversary_checks(c: TrainConfig) -> list[tuple[bool, str]]:
+    adv = [f for f in fields(DuoConfig) if f.name.startswith("adv_")]
+    changed = [f"--{_flag(f.name)}" for f in adv if getattr(c, f.name) != f.default]
+    return [
+        (c.adversarial != "none" or not changed, f"{', '.join(changed)} only apply with --adversarial; drop them"),
+        (min(c.adv_every, c.adv_steps, c.adv_vectors, c.adv_batch) >= 1, "--adv-every/-steps/-vectors/-batch: ≥ 1"),
+        (c.adv_lr > 0, "--adv-lr must be positive"),
+        (0 < c.adv_share <= 1, "--adv-share must be in (0, 1]"),
+    ]
+
+
+PART_CHECKS = {
+    RunConfig: _run_checks,
+    LoopConfig: _loop_checks,
+    DuoConfig: _duo_checks,
+    AdvUnlearnConfig: advunlearn_checks,
+}
 
 # Settings a resumed run may change: the rest must equal the first run's.
 RESUMABLE_CHANGES = (

@@ -82,13 +82,14 @@ def setup(cfg: TrainConfig, make=make_method) -> TrainState:
     torch.manual_seed(cfg.seed)
     attach_lora(family.unet, cfg.rank, cfg.alpha, cfg.targets or family.lora_targets(cfg.method))
     method = make(cfg, family, pairs, accelerator.device)
-    family.offload_encoders()  # only the UNet is needed from here on
+    if not getattr(method, "needs_text_encoder", False):
+        family.offload_encoders()  # only the UNet is needed from here on
     _start(folder, cfg, accelerator)
     params = lora_parameters(family.unet)
     optimizer = torch.optim.AdamW(
         params, lr=cfg.resolved_lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay
     )
-    start = _restore(cfg, family.unet, optimizer)
+    start = _restore(cfg, family.unet, optimizer, method)
     if accelerator.is_main_process:
         _truncate_metrics(Path(cfg.out), start)  # a resumed run rewrites the steps after its checkpoint
     unet, optimizer = accelerator.prepare(family.unet, optimizer)
@@ -115,18 +116,20 @@ def _start(folder: RunFolder, cfg: TrainConfig, accelerator) -> None:
     accelerator.wait_for_everyone()
 
 
-def _restore(cfg: TrainConfig, unet, optimizer) -> int:
+def _restore(cfg: TrainConfig, unet, optimizer, method) -> int:
     out = Path(cfg.out)
     ckpt = latest_checkpoint(out) if cfg.resume else None
     if ckpt is None:
         if cfg.resume:
             log.info("no checkpoint in %s: starting from step 0", out)
         return 0
-    step, lora, opt_state = load_checkpoint(ckpt)
+    step, lora, opt_state, method_state = load_checkpoint(ckpt)
     if step > cfg.steps:
         raise UserError(f"the checkpoint in '{out}' is at step {step}, beyond --steps {cfg.steps}. Raise --steps.")
     set_lora_state(unet, lora)
     optimizer.load_state_dict(opt_state)
+    if hasattr(method, "load_state_dict"):
+        method.load_state_dict(method_state)
     log.info("resumed from %s (step %d)", ckpt, step)
     return step
 
@@ -165,6 +168,8 @@ def optimizer_step(state: TrainState, step: int) -> dict:
     """One optimizer step: the method's draws for the global batch, sliced per process and micro-batch."""
     cfg, acc, method = state.cfg, state.accelerator, state.method
     started = time.perf_counter()
+    if hasattr(method, "before_step"):
+        method.before_step(state.unet, acc, step)
     draws = method.draw(step, state.global_batch)
     world, rank = acc.num_processes, acc.process_index
     sums: dict[str, float] = {}
@@ -201,7 +206,8 @@ def _checkpoint(state: TrainState, step: int) -> None:
     acc = state.accelerator
     if acc.is_main_process:
         lora = get_lora_state(acc.unwrap_model(state.unet))
-        save_checkpoint(state.out, step, lora, state.optimizer.state_dict())
+        method_state = state.method.state_dict() if hasattr(state.method, "state_dict") else {}
+        save_checkpoint(state.out, step, lora, state.optimizer.state_dict(), method_state)
     acc.wait_for_everyone()
 
 

@@ -15,6 +15,7 @@ from duo.data.pairs import PairSet
 from duo.errors import UserError
 from duo.models.lora import adapters_disabled
 from duo.objectives import duo_loss, esd_loss, per_sample_mse
+from duo.train.adversary import Adversary
 from duo.train.config import TrainConfig
 from duo.train.draws import Draws, StepDraws, draw_step, pair_indices
 
@@ -86,8 +87,35 @@ class DuoMethod:
         self.cfg, self.family, self.n_pairs = cfg, family, len(pairs)
         self.t_range = self.timestep_range(cfg, family, pairs)
         self.cache = build_cache(family, pairs, cfg, device)
+        self.adversary = None
+        if cfg.adversarial != "none":
+            c = self.cache
+            self.adversary = Adversary(cfg, family, pairs, c.mean[:, 0], c.std[:, 0], device)
+            self.metrics = (*DuoMethod.metrics, "adv_loss")
+
+    @property
+    def needs_text_encoder(self) -> bool:
+        return self.adversary is not None
+
+    def before_step(self, unet, acc, step: int) -> None:
+        """A round of the inner attack, against the LoRA as it stands, when one is due."""
+        if self.adversary is not None and self.adversary.due(step):
+            self.adversary.refresh(acc.unwrap_model(unet), step)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.adversary.state_dict() if self.adversary is not None else {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if self.adversary is not None:
+            self.adversary.load_state_dict(state)
 
     def draw(self, step: int, global_batch: int) -> StepDraws:
+        d = self._draw(step, global_batch)
+        if self.adversary is not None:
+            d.use_adversary = self.adversary.draw_use(step, global_batch)
+        return d
+
+    def _draw(self, step: int, global_batch: int) -> StepDraws:
         cfg, c = self.cfg, self.cache
         return draw_step(
             cfg.seed,
@@ -110,6 +138,8 @@ class DuoMethod:
         x0 = fam.latents_from_distribution(c.mean[idx], c.std[idx], d.latent_noise)  # (b, 2, C, H, W)
         x_lose0, x_win0 = x0[:, 0], x0[:, 1]
         cond = torch.where(d.use_concept[:, None, None], c.emb_unsafe[idx], c.emb_empty.expand(b, -1, -1))
+        if self.adversary is not None:
+            cond = torch.where(d.use_adversary[:, None, None], self.adversary.emb[idx], cond)
         T = torch.full((b,), fam.keep_timestep(), device=dev, dtype=torch.long)
         latents = [fam.add_noise(x_lose0, d.noise, d.t_lose), fam.add_noise(x_win0, d.noise, d.t_win), d.noise_T]
         ts, embs = [d.t_lose, d.t_win, T], [cond, cond, c.emb_empty.expand(b, -1, -1)]
@@ -132,7 +162,10 @@ class DuoMethod:
             self.cfg.resolved_lam,
             self.cfg.resolved_lam_retain if self.cfg.keep == "noise+retain" else 0.0,
         )
-        return {name: getattr(parts, name) for name in self.metrics}
+        out = {name: getattr(parts, name) for name in DuoMethod.metrics}
+        if self.adversary is not None:
+            out["adv_loss"] = self.adversary.last_loss.to(parts.loss.device)
+        return out
 
 
 @dataclass

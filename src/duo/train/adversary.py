@@ -1,0 +1,115 @@
+"""The inner attack of adversarial DUO (`duo train --adversarial`): token vectors that bring the concept back.
+
+Every `adv_every` optimizer steps, `adv_steps` Adam steps move a few placeholder-token vectors (through the frozen
+text encoder) to minimise the denoising loss of the model being trained — LoRA on — on the pairs' unsafe images:
+Concept Inversion's objective, run against the current LoRA instead of the finished one. The vectors and their
+Adam state carry over from round to round (a persistent adversary: each round starts where the last one ended,
+so a few steps a round keep up with the LoRA). Between rounds, the prompts with the vectors in them are encoded
+once; DuoMethod conditions a share of its preference pairs on them, so the preference for the safe image is also
+learned under the conditioning that brings the concept back.
+
+Placement (`--adversarial`):
+- `concept-inversion`: the vectors replace each concept word of the pair's unsafe prompt (as the attack does);
+- `soft-prompt`: the vectors come before the unsafe prompt with its concept words deleted (as the attack does).
+
+The whole state is a function of (seed, step): each round draws from its own generator seeded by the round's
+step, and the vectors and Adam moments are checkpointed with the LoRA, so `--resume` continues exactly.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from duo.data.concepts import token_prompt
+from duo.data.pairs import PairSet
+from duo.models.token_slots import TokenSlots, word_vectors
+from duo.objectives import per_sample_mse
+
+INIT_WORD = "a"  # not a concept word: the vectors must find the concept, not start from it
+SALT = 7_777_777  # separates the inner attack's draws from the training draws of the same step
+
+
+def adversarial_texts(kind: str, prompts: list[str], unsafe_words: list[str], slots_text: str) -> list[str]:
+    """Each prompt with the trainable tokens placed as `kind` places them."""
+    if kind == "concept-inversion":
+        return [token_prompt(p, unsafe_words, slots_text) for p in prompts]
+    if kind == "soft-prompt":
+        stripped = [re.sub(r"\s+", " ", token_prompt(p, unsafe_words, "")).strip() for p in prompts]
+        return [f"{slots_text} {s}".strip() for s in stripped]
+    raise ValueError(f"unknown adversary {kind!r}")
+
+
+class Adversary:
+    """Persistent token vectors learned against the policy; `emb` conditions the adversarial preference pairs."""
+
+    def __init__(self, cfg, family, pairs: PairSet, mean: torch.Tensor, std: torch.Tensor, device):
+        self.cfg, self.family, self.device = cfg, family, device
+        self.mean, self.std = mean, std  # (N, C, H, W): the unsafe images' latent distributions
+        self.slots = TokenSlots(family, cfg.adv_vectors)
+        texts = adversarial_texts(cfg.adversarial, pairs.unsafe_prompts, pairs.concept.unsafe_words, self.slots.text)
+        self.texts = texts
+        self.ids = family.tokenize(texts).to(device)
+        self.vectors = torch.nn.Parameter(word_vectors(family, INIT_WORD, cfg.adv_vectors).to(device))
+        self.optimizer = torch.optim.Adam([self.vectors], lr=cfg.adv_lr)
+        self.last_loss = torch.zeros(())
+        self.emb = self._encode()
+
+    def due(self, step: int) -> bool:
+        return step % self.cfg.adv_every == 0
+
+    def draw_use(self, step: int, global_batch: int) -> torch.Tensor:
+        """(G,) bool: which slots of the step's global batch are conditioned on the adversarial prompt."""
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step + SALT + 1)
+        return torch.rand(global_batch, generator=g) < self.cfg.adv_share
+
+    def refresh(self, policy: torch.nn.Module, step: int) -> None:
+        """One round: adv_steps Adam steps on the vectors against `policy` (gradients reach the vectors only)."""
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step + SALT)
+        with self.slots.hooked(), torch.enable_grad():
+            self.slots.vectors = self.vectors
+            for _ in range(self.cfg.adv_steps):
+                loss = self._loss(policy, g)
+                (grad,) = torch.autograd.grad(loss, [self.vectors])
+                self.vectors.grad = grad
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        self.last_loss = loss.detach().cpu()
+        self.emb = self._encode()
+
+    def _loss(self, policy: torch.nn.Module, g: torch.Generator) -> torch.Tensor:
+        fam, n = self.family, self.cfg.adv_batch
+        idx = torch.randint(len(self.ids), (n,), generator=g)
+        t = torch.randint(0, fam.num_train_timesteps, (n,), generator=g)
+        latent_noise = torch.randn((n, *self.mean.shape[1:]), generator=g)
+        noise = torch.randn((n, *self.mean.shape[1:]), generator=g)
+        idx, t, latent_noise, noise = (x.to(self.device) for x in (idx, t, latent_noise, noise))
+        x0 = fam.latents_from_distribution(self.mean[idx], self.std[idx], latent_noise)
+        pred = fam.denoise(policy, fam.add_noise(x0, noise, t), t, fam.encode_ids(self.ids[idx]))
+        return per_sample_mse(pred, fam.training_target(x0, noise, t)).mean()
+
+    @torch.no_grad()
+    def _encode(self, chunk: int = 64) -> torch.Tensor:
+        """(N, L, D) conditioning of every pair's adversarial prompt with the current vectors."""
+        with self.slots.hooked():
+            self.slots.vectors = self.vectors.detach()
+            parts = [self.family.encode_ids(self.ids[i : i + chunk]) for i in range(0, len(self.ids), chunk)]
+        return torch.cat(parts).detach()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Vectors and Adam moments as flat tensors (what a checkpoint stores)."""
+        state = self.optimizer.state.get(self.vectors, {})
+        out = {"vectors": self.vectors.detach().clone(), "last_loss": self.last_loss.clone()}
+        out.update({f"adam.{k}": torch.as_tensor(v).detach().clone() for k, v in state.items()})
+        return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            self.vectors.copy_(state["vectors"].to(self.vectors.device))
+        self.last_loss = state["last_loss"].clone()
+        moments = {k.removeprefix("adam."): v.to(self.device) for k, v in state.items() if k.startswith("adam.")}
+        if moments:
+            moments["step"] = moments["step"].cpu()  # Adam keeps its step count on the CPU
+            self.optimizer.state[self.vectors] = moments
+        self.emb = self._encode()

@@ -1,0 +1,93 @@
+"""Adversarial DUO (`duo train --adversarial`): the inner attack, its placement, resume, and what stays unchanged."""
+
+import json
+
+import pytest
+import torch
+from test_train_tiny import assert_same_weights, lora_weights
+
+from duo.errors import UserError
+from duo.train.adversary import adversarial_texts
+from duo.train.api import resolve_config, train
+from duo.train.config import TrainConfig
+
+ADV = dict(adversarial="concept-inversion", adv_every=2, adv_steps=2, adv_batch=2)
+
+
+def run(model, data, out, **kw):
+    return train(resolve_config(model=model, data=data, out=str(out), **kw))
+
+
+def metrics(folder):
+    return [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_placement_of_the_vectors():
+    prompts = ["a red circle on a black background", "a Crimson star", "a square"]
+    words = ["red", "crimson"]
+    assert adversarial_texts("concept-inversion", prompts, words, "<s0> <s1>") == [
+        "a <s0> <s1> circle on a black background",
+        "a <s0> <s1> star",
+        "<s0> <s1> a square",
+    ]
+    assert adversarial_texts("soft-prompt", prompts, words, "<s0>") == [
+        "<s0> a circle on a black background",
+        "<s0> a star",
+        "<s0> a square",
+    ]
+
+
+def test_resume_is_exact_with_the_inner_attack(tiny_model, pairs_dir, tmp_path):
+    # steps 3 and 6 are checkpoints; a round at steps 0, 2, 4 means the resume lands between two rounds.
+    straight = run(tiny_model, pairs_dir, tmp_path / "straight", steps=6, checkpoint_every=3, **ADV)
+    half = tmp_path / "halves"
+    run(tiny_model, pairs_dir, half, steps=3, checkpoint_every=3, **ADV)
+    run(tiny_model, pairs_dir, half, steps=6, checkpoint_every=3, resume=True, **ADV)
+    assert_same_weights(lora_weights(straight), lora_weights(half))
+    assert [m["adv_loss"] for m in metrics(straight)] == [m["adv_loss"] for m in metrics(half)]
+
+
+def test_the_adversary_changes_training_and_moves_only_its_vectors(tiny_model, pairs_dir, tmp_path, monkeypatch):
+    from duo.train import adversary
+
+    rounds = []
+    original = adversary.Adversary.refresh
+
+    def spy(self, policy, step):
+        lora_before = [p.detach().clone() for p in policy.parameters() if p.requires_grad]
+        vectors_before = self.vectors.detach().clone()
+        original(self, policy, step)
+        lora_after = [p.detach().clone() for p in policy.parameters() if p.requires_grad]
+        rounds.append((step, vectors_before, self.vectors.detach().clone(), lora_before, lora_after))
+        assert all(p.grad is None or not p.grad.abs().sum() for p in policy.parameters() if p.requires_grad)
+
+    monkeypatch.setattr(adversary.Adversary, "refresh", spy)
+    plain = run(tiny_model, pairs_dir, tmp_path / "plain", steps=4)
+    adv = run(tiny_model, pairs_dir, tmp_path / "adv", steps=4, adv_share=1.0, **ADV)
+    assert [r[0] for r in rounds] == [0, 2]
+    for _, v0, v1, l0, l1 in rounds:
+        assert not torch.equal(v0, v1)  # the attack learned something
+        assert all(torch.equal(a, b) for a, b in zip(l0, l1))  # and the LoRA did not move during it
+    a, b = lora_weights(plain), lora_weights(adv)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    assert all(m["adv_loss"] > 0 for m in metrics(adv))
+
+
+def test_plain_duo_is_unchanged_by_the_feature(tiny_model, pairs_dir, tmp_path):
+    """--adversarial none builds no inner attack and logs no adv_loss."""
+    a = run(tiny_model, pairs_dir, tmp_path / "a", steps=2)
+    assert "adv_loss" not in metrics(a)[0]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ({"adv_steps": 5}, "only apply with --adversarial"),
+        ({"adversarial": "soft-prompt", "adv_share": 0.0}, "--adv-share"),
+        ({"adversarial": "unknown"}, "--adversarial must be one of"),
+        ({"adversarial": "soft-prompt", "adv_lr": -1.0}, "--adv-lr"),
+    ],
+)
+def test_bad_adversary_flags_are_refused_before_loading(tmp_path, flags, message):
+    with pytest.raises(UserError, match=message):
+        TrainConfig(model="nowhere", data="nowhere", out=str(tmp_path / "x"), **flags).validate()
