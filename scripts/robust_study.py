@@ -24,7 +24,7 @@ CI = {"adversarial": "concept-inversion"}
 VARIANTS = {
     "DUO": {},
     "DUO-adv ci": CI,
-    "DUO-adv ci share .25": {**CI, "adv_share": 0.25},
+    "DUO-adv ci fresh": {**CI, "adv_init": "fresh", "adv_every": 25, "adv_steps": 50},
     "DUO-adv ci every 5": {**CI, "adv_every": 5},
     "DUO-adv ci 20 steps": {**CI, "adv_steps": 20},
     "DUO-adv soft": {"adversarial": "soft-prompt", "adv_vectors": 5},

@@ -63,14 +63,40 @@ def test_the_adversary_changes_training_and_moves_only_its_vectors(tiny_model, p
 
     monkeypatch.setattr(adversary.Adversary, "refresh", spy)
     plain = run(tiny_model, pairs_dir, tmp_path / "plain", steps=4)
-    adv = run(tiny_model, pairs_dir, tmp_path / "adv", steps=4, adv_share=1.0, **ADV)
+    adv = run(tiny_model, pairs_dir, tmp_path / "adv", steps=4, **ADV)
     assert [r[0] for r in rounds] == [0, 2]
     for _, v0, v1, l0, l1 in rounds:
         assert not torch.equal(v0, v1)  # the attack learned something
         assert all(torch.equal(a, b) for a, b in zip(l0, l1))  # and the LoRA did not move during it
     a, b = lora_weights(plain), lora_weights(adv)
     assert any(not torch.equal(a[k], b[k]) for k in a)
-    assert all(m["adv_loss"] > 0 for m in metrics(adv))
+    assert all(m["adv_loss"] > 0 and m["adv_pref"] > 0 for m in metrics(adv))
+
+
+def test_fresh_rounds_restart_and_persistent_rounds_continue(tiny_model, pairs_dir, tmp_path, monkeypatch):
+    from duo.train import adversary
+
+    starts, ends = {}, {}
+    original = adversary.Adversary._loss
+
+    def spy(self, policy, g):
+        key = (self.cfg.adv_init, len(ends.get(self.cfg.adv_init, [])))
+        starts.setdefault(key, self.vectors.detach().clone())
+        return original(self, policy, g)
+
+    original_refresh = adversary.Adversary.refresh
+
+    def spy_refresh(self, policy, step):
+        original_refresh(self, policy, step)
+        ends.setdefault(self.cfg.adv_init, []).append(self.vectors.detach().clone())
+
+    monkeypatch.setattr(adversary.Adversary, "_loss", spy)
+    monkeypatch.setattr(adversary.Adversary, "refresh", spy_refresh)
+    for init in ("persistent", "fresh"):
+        run(tiny_model, pairs_dir, tmp_path / init, steps=4, **{**ADV, "adv_init": init})
+    assert torch.equal(starts[("persistent", 1)], ends["persistent"][0])
+    assert not torch.equal(starts[("fresh", 1)], ends["fresh"][0])
+    assert not torch.equal(starts[("fresh", 0)], starts[("fresh", 1)])
 
 
 def test_plain_duo_is_unchanged_by_the_feature(tiny_model, pairs_dir, tmp_path):
@@ -83,7 +109,8 @@ def test_plain_duo_is_unchanged_by_the_feature(tiny_model, pairs_dir, tmp_path):
     "flags, message",
     [
         ({"adv_steps": 5}, "only apply with --adversarial"),
-        ({"adversarial": "soft-prompt", "adv_share": 0.0}, "--adv-share"),
+        ({"adversarial": "soft-prompt", "adv_weight": 0.0}, "--adv-weight"),
+        ({"adversarial": "soft-prompt", "adv_init": "warm"}, "--adv-init must be one of"),
         ({"adversarial": "unknown"}, "--adversarial must be one of"),
         ({"adversarial": "soft-prompt", "adv_lr": -1.0}, "--adv-lr"),
     ],

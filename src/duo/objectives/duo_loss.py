@@ -39,6 +39,15 @@ def preference_loss(delta_win: torch.Tensor, delta_lose: torch.Tensor, beta: flo
     return -F.logsigmoid(-beta * (delta_win - delta_lose))
 
 
+def preference_deltas(
+    policy: torch.Tensor, reference: torch.Tensor, target: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Δ(x⁻), Δ(x⁺)) per pair of rows laid out as [x⁻ ; x⁺] (B each): policy error minus reference error."""
+    delta = per_sample_mse(policy, target) - per_sample_mse(reference, target)
+    b = delta.shape[0] // 2
+    return delta[:b], delta[b:]
+
+
 def duo_loss(
     policy: torch.Tensor,
     reference: torch.Tensor,
@@ -57,10 +66,7 @@ def duo_loss(
     b = n_pairs
     if policy.shape != reference.shape or policy.shape[0] not in (3 * b, 4 * b):
         raise ValueError(f"expected policy/reference of 3B or 4B rows with B={b}, got {tuple(policy.shape)}")
-    err_policy = per_sample_mse(policy[: 2 * b], target[: 2 * b])
-    err_ref = per_sample_mse(reference[: 2 * b], target[: 2 * b])
-    delta = err_policy - err_ref
-    delta_lose, delta_win = delta[:b], delta[b : 2 * b]
+    delta_lose, delta_win = preference_deltas(policy[: 2 * b], reference[: 2 * b], target[: 2 * b])
     pref = preference_loss(delta_win, delta_lose, beta).mean()
     keep = per_sample_mse(policy[2 * b : 3 * b], reference[2 * b : 3 * b]).mean()
     retain = (

@@ -5,8 +5,12 @@ text encoder) to minimise the denoising loss of the model being trained — LoRA
 Concept Inversion's objective, run against the current LoRA instead of the finished one. The vectors and their
 Adam state carry over from round to round (a persistent adversary: each round starts where the last one ended,
 so a few steps a round keep up with the LoRA). Between rounds, the prompts with the vectors in them are encoded
-once; DuoMethod conditions a share of its preference pairs on them, so the preference for the safe image is also
-learned under the conditioning that brings the concept back.
+once; DuoMethod adds each pair once more under them (the same x⁻_t, x⁺_t, a second preference term weighted
+`adv_weight`), so the preference for the safe image is also learned under the conditioning that brings the
+concept back, while the plain term keeps its full weight.
+
+With `--adv-init fresh` each round instead restarts from random vocabulary rows with a new Adam (what a new
+attacker would do), so the LoRA cannot just outrun one token's trajectory; rounds then need more steps.
 
 Placement (`--adversarial`):
 - `concept-inversion`: the vectors replace each concept word of the pair's unsafe prompt (as the attack does);
@@ -24,7 +28,7 @@ import torch
 
 from duo.data.concepts import token_prompt
 from duo.data.pairs import PairSet
-from duo.models.token_slots import TokenSlots, word_vectors
+from duo.models.token_slots import TokenSlots, embedding_table, word_vectors
 from duo.objectives import per_sample_mse
 
 INIT_WORD = "a"  # not a concept word: the vectors must find the concept, not start from it
@@ -59,14 +63,11 @@ class Adversary:
     def due(self, step: int) -> bool:
         return step % self.cfg.adv_every == 0
 
-    def draw_use(self, step: int, global_batch: int) -> torch.Tensor:
-        """(G,) bool: which slots of the step's global batch are conditioned on the adversarial prompt."""
-        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step + SALT + 1)
-        return torch.rand(global_batch, generator=g) < self.cfg.adv_share
-
     def refresh(self, policy: torch.nn.Module, step: int) -> None:
         """One round: adv_steps Adam steps on the vectors against `policy` (gradients reach the vectors only)."""
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step + SALT)
+        if self.cfg.adv_init == "fresh":
+            self._restart(g)
         with self.slots.hooked(), torch.enable_grad():
             self.slots.vectors = self.vectors
             for _ in range(self.cfg.adv_steps):
@@ -77,6 +78,14 @@ class Adversary:
                 self.optimizer.zero_grad(set_to_none=True)
         self.last_loss = loss.detach().cpu()
         self.emb = self._encode()
+
+    def _restart(self, g: torch.Generator) -> None:
+        """Random vocabulary rows as the new start, and a new Adam: no memory of earlier rounds."""
+        ids = self.family.regular_token_ids()
+        pick = ids[torch.randint(len(ids), (self.cfg.adv_vectors,), generator=g)]
+        with torch.no_grad():
+            self.vectors.copy_(embedding_table(self.family).weight[pick.to(self.device)].float())
+        self.optimizer = torch.optim.Adam([self.vectors], lr=self.cfg.adv_lr)
 
     def _loss(self, policy: torch.nn.Module, g: torch.Generator) -> torch.Tensor:
         fam, n = self.family, self.cfg.adv_batch

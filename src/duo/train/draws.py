@@ -33,7 +33,6 @@ class StepDraws(Draws):
     retain_noise: torch.Tensor
     t_retain: torch.Tensor
     retain_prompt: torch.Tensor  # (G,) index into the retain prompts
-    use_adversary: torch.Tensor  # (G,) bool: conditioned on the inner attack's prompt (adversarial DUO only)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -82,5 +81,4 @@ def draw_step(
         retain_noise=torch.randn((G, *latent_shape), generator=g),
         t_retain=torch.randint(0, t_retain_max, (G,), generator=g),
         retain_prompt=torch.randint(0, max(1, n_retain_prompts), (G,), generator=g),
-        use_adversary=torch.zeros(G, dtype=torch.bool),  # set by the method from draws of its own
     )
