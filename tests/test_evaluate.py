@@ -21,6 +21,21 @@ def test_identical_models_preserve_everything(tmp_path):
     )
 
 
+def test_image_seeds_of_two_base_seeds_share_nothing(tmp_path):
+    """seed + i would give seed 1's image i the seed of seed 0's image i + 1: three seeds, one image set."""
+
+    def seeds(base):
+        cfg = EvaluateConfig(
+            model="shapes", concept="shapes-red", out=str(tmp_path / f"s{base}"), n_prompts=4, seed=base
+        )
+        evaluate(cfg)
+        lines = (tmp_path / f"s{base}" / "images.jsonl").read_text().splitlines()
+        return {(r["group"], r["model"], r["seed"]) for r in map(json.loads, lines)}
+
+    a, b = seeds(0), seeds(1)
+    assert len(a) == len(b) > 4 and not {x[2] for x in a} & {x[2] for x in b}
+
+
 def test_guarded_model_with_its_attack(tmp_path):
     attack = tmp_path / "attack"
     run_attack(

@@ -22,6 +22,7 @@ from duo.errors import UserError
 from duo.guards import GUARDS, make_guard
 from duo.models.lora_spec import lora_dirs, parse_lora_spec
 from duo.runs import RunFolder, content_hash, package_versions, read_run
+from duo.seeds import derive_seed
 from duo.worlds import world_for
 
 NEUTRAL_EXAMPLE = "examples/prompts/neutral-captions.txt"
@@ -49,7 +50,7 @@ class EvaluateConfig:
         metadata={"help": f"neutral prompts (COCO-style captions; text, CSV or JSONL), e.g. {NEUTRAL_EXAMPLE}"},
     )
     n_prompts: int = field(default=30, metadata={"help": "neutral prompts used (the first N)"})
-    seed: int = field(default=0, metadata={"help": "seed of the first image; prompt i uses seed + i"})
+    seed: int = field(default=0, metadata={"help": "base seed; image i of a group is seeded by hash(seed, group, i)"})
     lpips: str | None = field(
         default=None, metadata={"help": "LPIPS network: 'vgg:FILE' (see duo.metrics.lpips) or 'shapes'"}
     )
@@ -138,7 +139,7 @@ class _Images:
         texts = [prompts[i] for i in idx]
         guard = self.guard if model == "unlearned" else make_guard("none", [])
         steps, guidance = c.steps or self.concept.steps, c.guidance or self.concept.guidance
-        seeds = [c.seed + i for i in idx]
+        seeds = [derive_seed(c.seed, "evaluate", group, i) for i in idx]
         run = family.loras_off() if model == "original" and c.lora else nullcontext()
         with run:
             images = guard.generate(family, texts, seeds, steps, guidance, self.concept.resolution)
@@ -188,6 +189,10 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     return results
 
 
+# How image i of a prompt group is seeded; recorded so a folder made under `seed + i` (before 2026-12-07) is
+# refused rather than resumed with other images.
+IMAGE_SEEDS = "derive_seed(seed, 'evaluate', group, i)"
+
 # Settings that change what is computed from the images, not the images: a rerun may change them.
 VOLATILE = ("lpips", "fid_features", "clip", "reference", "label", "attacks", "attack:*", "reference_images")
 
@@ -198,6 +203,7 @@ def _run_config(cfg: EvaluateConfig, concept: Concept, prompts: list[str]) -> di
         concept={k: v for k, v in concept.to_dict().items() if k != "source"},
         guard=make_guard(cfg.guard, concept.unsafe_words).provenance(),
         prompts=prompts,
+        image_seeds=IMAGE_SEEDS,
     )
     return config
 
