@@ -17,43 +17,75 @@ NON_CROSS_ATTENTION = (
 )
 
 
-def attach_lora(unet: torch.nn.Module, rank: int, alpha: float, targets: str | list[str]) -> None:
-    """Add a trainable LoRA (gaussian A, zero B, so the model is unchanged at init); base stays frozen."""
-    from peft import LoraConfig
+# The text encoder's transformer layers: every attention projection and both feed-forward layers (AdvUnlearn's
+# text_encoder_full trains these and the layer norms; a LoRA cannot hold a norm).
+TEXT_ENCODER_LAYERS = r".*layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))$"
 
-    unet.requires_grad_(False)
+
+def attach_lora(module: torch.nn.Module, rank: int, alpha: float, targets: str | list[str]) -> None:
+    """Add a trainable LoRA (gaussian A, zero B, so the model is unchanged at init); base stays frozen.
+
+    A diffusers model registers it through its own `add_adapter` (its loaders read that registry); any other
+    module (a transformers text encoder, whose `add_adapter` demands a newer peft) gets peft's layers injected.
+    """
+    from diffusers.loaders.peft import PeftAdapterMixin
+    from peft import LoraConfig, inject_adapter_in_model
+
+    module.requires_grad_(False)
     config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets)
-    unet.add_adapter(config, adapter_name=ADAPTER)
-    for p in lora_parameters(unet):
+    if isinstance(module, PeftAdapterMixin):
+        module.add_adapter(config, adapter_name=ADAPTER)
+    else:
+        inject_adapter_in_model(config, module, adapter_name=ADAPTER)
+    for p in lora_parameters(module):
         p.data = p.data.float()  # LoRA weights in fp32 under mixed precision
-    if not lora_parameters(unet):
-        raise ValueError(f"LoRA targets {targets!r} matched no module of the UNet")
+    if not lora_parameters(module):
+        raise ValueError(f"LoRA targets {targets!r} matched no module of the {type(module).__name__}")
 
 
-def lora_parameters(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [p for n, p in unet.named_parameters() if "lora_" in n and p.requires_grad]
+def lora_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for n, p in module.named_parameters() if "lora_" in n and p.requires_grad]
 
 
 @contextmanager
-def adapters_disabled(unet: torch.nn.Module):
-    """The reference model ε_ref: same UNet, LoRA off; always switched back on, even if the body raises."""
-    unet.disable_adapters()
+def adapters_disabled(module):
+    """The reference model ε_ref: same module, LoRA off; always switched back on, even if the body raises."""
+    _enable_adapters(module, False)
     try:
-        yield unet
+        yield module
     finally:
-        unet.enable_adapters()
+        _enable_adapters(module, True)
 
 
-def get_lora_state(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+def _enable_adapters(module, enabled: bool) -> None:
+    # Each peft layer switched directly (what diffusers' disable_adapters does), so modules whose own method
+    # checks the peft version (transformers) work too; anything else is asked through its methods.
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if not isinstance(module, torch.nn.Module):
+        module.enable_adapters() if enabled else module.disable_adapters()
+        return
+    for layer in module.modules():
+        if isinstance(layer, BaseTunerLayer):
+            layer.enable_adapters(enabled)
+
+
+def lora_scale(module: torch.nn.Module) -> float:
+    """α/r of the LoRA attached by `attach_lora` (1.0 when there is none): the factor on B·A."""
+    config = getattr(module, "peft_config", {}).get(ADAPTER)
+    return float(config.lora_alpha) / float(config.r) if config is not None else 1.0
+
+
+def get_lora_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     from peft.utils import get_peft_model_state_dict
 
-    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(unet, adapter_name=ADAPTER).items()}
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(module, adapter_name=ADAPTER).items()}
 
 
-def set_lora_state(unet: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+def set_lora_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     from peft.utils import set_peft_model_state_dict
 
-    result = set_peft_model_state_dict(unet, state, adapter_name=ADAPTER)
+    result = set_peft_model_state_dict(module, state, adapter_name=ADAPTER)
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
-        raise ValueError(f"LoRA state does not fit this UNet: unexpected keys {unexpected[:3]}")
+        raise ValueError(f"LoRA state does not fit this {type(module).__name__}: unexpected keys {unexpected[:3]}")

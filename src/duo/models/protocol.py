@@ -40,6 +40,11 @@ class ModelFamily(Protocol):
         ...
 
     @property
+    def text_encoders(self) -> tuple[torch.nn.Module, ...]:
+        """The text encoders, in encoder order: where a text-side LoRA attaches (AdvUnlearn trains the first)."""
+        ...
+
+    @property
     def native_resolution(self) -> int:
         """Image side in pixels the model was trained at: the default for generation and training."""
         ...
@@ -92,7 +97,8 @@ class ModelFamily(Protocol):
         ...
 
     def lora_targets(self, method: str) -> str:
-        """The denoiser layers a method ('duo', 'esd-x', 'esd-u') trains, as a module-name pattern for PEFT."""
+        """The layers a method trains, as a module-name pattern for PEFT: of the denoiser for 'duo', 'esd-x' and
+        'esd-u', of the first text encoder for 'advunlearn'."""
         ...
 
     # ---- generation ----------------------------------------------------------------------------------------
@@ -125,7 +131,12 @@ class ModelFamily(Protocol):
 
     # ---- LoRA files ----------------------------------------------------------------------------------------
     def save_lora(self, folder: Path, state: dict[str, torch.Tensor]) -> None:
-        """Write a trained LoRA in the format the family's own loader (and `load_loras`) reads."""
+        """Write a trained LoRA in the format the family's own loader (and `load_loras`) reads.
+
+        `state` holds PEFT LoRA weights of the denoiser, of a text encoder, or of both, keyed by module name as
+        `duo.models.lora.get_lora_state` returns them; each goes with the component that has that module. The
+        LoRA scale α/r of the adapter attached to that component is folded into the file, so loaders that assume
+        α = r read the same update."""
         ...
 
     def load_loras(self, loras: list[tuple[str, float]]) -> None:
@@ -180,8 +191,10 @@ class ModelFamily(Protocol):
         """Text of ids with special tokens dropped: what a found prompt is returned as."""
         ...
 
-    def encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        """Text-encoder states for ids from `tokenize`/`prompt_ids`; differentiable through the embedding tables."""
+    def encode_ids(self, ids: torch.Tensor, encoder: torch.nn.Module | None = None) -> torch.Tensor:
+        """Text-encoder states for ids from `tokenize`/`prompt_ids`; differentiable through the embedding tables.
+
+        `encoder`: a wrapped (accelerate) copy of `text_encoders[0]` to call instead, as `denoise` takes `unet`."""
         ...
 
     def prompt_ids(self, tokens: torch.Tensor) -> torch.Tensor:

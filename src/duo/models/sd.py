@@ -109,6 +109,10 @@ class StableDiffusionFamily(StableDiffusionText):
         return self.pipe.unet
 
     @property
+    def text_encoders(self) -> tuple[torch.nn.Module, ...]:
+        return (self.pipe.text_encoder,)
+
+    @property
     def native_resolution(self) -> int:
         return int(self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor)
 
@@ -258,17 +262,41 @@ class StableDiffusionFamily(StableDiffusionText):
 
     # ---- LoRA files --------------------------------------------------------------------------
     def save_lora(self, folder: Path, state: dict[str, torch.Tensor]) -> None:
-        """Diffusers LoRA format: loads with `pipe.load_lora_weights(folder)`."""
+        """Diffusers LoRA format (`unet.` and `text_encoder.` keys): loads with `pipe.load_lora_weights(folder)`."""
         from diffusers import StableDiffusionPipeline
         from diffusers.utils import convert_state_dict_to_diffusers
 
-        layers = convert_state_dict_to_diffusers(state)
-        # diffusers converts only attention projections, and its loader guesses the format from the first key:
-        # name every layer (ResNet convolutions, feed-forward of ESD-u) the same way, or some are dropped on load.
-        layers = {k.replace(".lora_A.", ".lora.down.").replace(".lora_B.", ".lora.up."): v for k, v in layers.items()}
-        StableDiffusionPipeline.save_lora_weights(
-            save_directory=str(folder), unet_lora_layers=layers, safe_serialization=True
-        )
+        unet, text = self._lora_components(state)
+        layers = {}
+        if unet:
+            # diffusers converts only attention projections, and its loader guesses the format from the first key:
+            # name every layer (ResNet convolutions, feed-forward of ESD-u) the same way, or some are dropped.
+            unet = convert_state_dict_to_diffusers(unet)
+            unet = {k.replace(".lora_A.", ".lora.down.").replace(".lora_B.", ".lora.up."): v for k, v in unet.items()}
+            layers["unet_lora_layers"] = unet
+        if text:
+            layers["text_encoder_lora_layers"] = text  # peft names: what diffusers writes for a text encoder
+        StableDiffusionPipeline.save_lora_weights(save_directory=str(folder), safe_serialization=True, **layers)
+
+    def _lora_components(self, state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+        """Split a LoRA state between the UNet and the text encoder by module name, with B scaled by α/r.
+
+        The file has no α: diffusers' loader (and others) then take α = r, so the attached adapter's α/r is
+        folded into B here, or a LoRA trained with --alpha ≠ --rank would load at the wrong strength.
+        """
+        from duo.models.lora import lora_scale
+
+        parts: tuple[dict, dict] = ({}, {})
+        modules = [dict(m.named_modules()) for m in (self.unet, self.pipe.text_encoder)]
+        for key, value in state.items():
+            name = key.split(".lora_")[0]
+            owner = [i for i, names in enumerate(modules) if name in names]
+            if len(owner) != 1:
+                raise ValueError(f"LoRA key '{key}' names no single module of the UNet or text encoder")
+            component = (self.unet, self.pipe.text_encoder)[owner[0]]
+            scale = lora_scale(component) if ".lora_B." in key else 1.0
+            parts[owner[0]][key] = value * scale if scale != 1.0 else value
+        return parts
 
     def load_loras(self, loras: list[tuple[str, float]]) -> None:
         """Load several LoRAs and combine them with weights (violence: four sub-concepts at 1.0)."""
@@ -302,10 +330,16 @@ class StableDiffusionFamily(StableDiffusionText):
 
     # ---- baselines (ESD, UCE) ----------------------------------------------------------------------
     def lora_targets(self, method: str) -> str:
-        """Which UNet layers a method trains: DUO self-attention, ESD-x cross-attention, ESD-u all but it."""
-        from duo.models.lora import CROSS_ATTENTION, NON_CROSS_ATTENTION
+        """Which layers a method trains: DUO self-attention, ESD-x cross-attention, ESD-u all but it (UNet);
+        AdvUnlearn every attention and feed-forward layer of the text encoder."""
+        from duo.models.lora import CROSS_ATTENTION, NON_CROSS_ATTENTION, TEXT_ENCODER_LAYERS
 
-        return {"duo": SELF_ATTENTION, "esd-x": CROSS_ATTENTION, "esd-u": NON_CROSS_ATTENTION}[method]
+        return {
+            "duo": SELF_ATTENTION,
+            "esd-x": CROSS_ATTENTION,
+            "esd-u": NON_CROSS_ATTENTION,
+            "advunlearn": TEXT_ENCODER_LAYERS,
+        }[method]
 
     def cross_attention_projections(self, with_keys: bool = True) -> list[tuple[str, torch.nn.Linear]]:
         """The text-to-image projections UCE edits: every cross-attention's value (and key) matrix."""

@@ -63,9 +63,9 @@ class StableDiffusionText:
     def decode_ids(self, ids: list[int]) -> str:
         return self.pipe.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
-    def encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
+    def encode_ids(self, ids: torch.Tensor, encoder: torch.nn.Module | None = None) -> torch.Tensor:
         """Text-encoder hidden states for token ids; differentiable (gradient attacks hook the embedding)."""
-        return self.pipe.text_encoder(ids.to(self.device))[0]
+        return (encoder or self.pipe.text_encoder)(ids.to(self.device))[0]
 
     def prompt_ids(self, tokens: torch.Tensor) -> torch.Tensor:
         """[BOS] + K tokens + [EOS] + padding, on the CPU: the layout `tokenize` gives a prompt of K words."""
@@ -86,7 +86,8 @@ class StableDiffusionText:
             # New rows are never read (attacks replace them); fork the RNG so their init leaves seeds alone.
             with torch.random.fork_rng(devices=[]):
                 encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-            encoder.requires_grad_(False)
+            # only the grown table is frozen: a LoRA on the encoder (AdvUnlearn) keeps training
+            encoder.get_input_embeddings().requires_grad_(False)
         return ids
 
     def whole_word_ids(self, exclude: Iterable[str] = (), min_length: int = 1) -> torch.Tensor:

@@ -5,6 +5,12 @@ ESD (Gandikota et al., ICCV 2023), negative guidance:
     L_ESD  = ‖ε_θ(x_t, t, c) − target‖²
 The target is made with the frozen model, so it carries no gradient.
 
+AdvUnlearn (Zhang et al., NeurIPS 2024) trains the text encoder with ESD's target under an adversarial prompt
+c_adv (k learned token vectors before the concept prompt c), plus a retain term on other prompts c_r:
+    L_AdvUnlearn = ‖ε_θ(x_t, t, c_adv) − target‖² + w · ‖ε_θ(x_r, t, c_r) − ε_ref(x_r, t, c_r)‖²
+where the target is ESD's above and ε_ref encodes every prompt with the original text encoder. The lower level
+(the attack) moves c_adv's vectors to minimise ‖ε_θ(x_t, t, c_adv) − ε_ref(x_t, t, c)‖²: the concept comes back.
+
 UCE (Gandikota et al., WACV 2024), closed form for one projection W (d_out × d_in), with the text
 embeddings c_i of the concepts to erase, g_i of their guides and p_j of the concepts to keep, weighted by
 s_e (erase scale) and s_p (preserve scale):
@@ -28,6 +34,24 @@ def esd_target(eps_concept: torch.Tensor, eps_uncond: torch.Tensor, eta: float) 
 def esd_loss(policy_concept: torch.Tensor, eps_concept: torch.Tensor, eps_uncond: torch.Tensor, eta: float):
     """Mean over the batch of ‖ε_θ(x_t, t, c) − target‖²."""
     return per_sample_mse(policy_concept, esd_target(eps_concept, eps_uncond, eta)).mean()
+
+
+def advunlearn_loss(
+    policy_concept: torch.Tensor,
+    eps_concept: torch.Tensor,
+    eps_uncond: torch.Tensor,
+    eta: float,
+    policy_retain: torch.Tensor | None = None,
+    eps_retain: torch.Tensor | None = None,
+    retain_weight: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(L, its ESD part, its retain part), each a batch mean; without retain rows the retain part is 0."""
+    unlearn = esd_loss(policy_concept, eps_concept, eps_uncond, eta)
+    if policy_retain is None or retain_weight == 0:
+        retain = unlearn.new_zeros(())
+    else:
+        retain = per_sample_mse(policy_retain, eps_retain.detach()).mean()
+    return unlearn + retain_weight * retain, unlearn, retain
 
 
 def uce_edit(

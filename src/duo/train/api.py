@@ -53,6 +53,7 @@ RECIPES: dict[str, Callable[[TrainConfig], Path]] = {
     "duo": run_loop,
     "esd-u": run_loop,
     "esd-x": run_loop,
+    "advunlearn": run_loop,
     "uce": run_uce,
 }
 

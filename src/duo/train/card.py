@@ -11,6 +11,7 @@ METHOD_NAMES = {
     "esd-u": "ESD-u (Gandikota et al., ICCV 2023), non-cross-attention layers",
     "esd-x": "ESD-x (Gandikota et al., ICCV 2023), cross-attention layers",
     "uce": "UCE (Gandikota et al., WACV 2024)",
+    "advunlearn": "AdvUnlearn (Zhang et al., NeurIPS 2024), text-encoder LoRA",
 }
 
 
@@ -35,6 +36,9 @@ def write_model_card(out: Path, cfg, pairs) -> None:
                 ("keep term", c.keep),
                 ("timesteps", c.timesteps),
             ]
+        elif c.method == "advunlearn":
+            specific += [("η", c.negative_guidance), ("retain weight", c.retain_weight)]
+            specific += [("attack", f"{c.attack_tokens} token(s), {c.attack_steps} steps every {c.attack_every}")]
         else:
             specific += [("η", c.eta)]
         specific += [

@@ -71,7 +71,13 @@ class DuoConfig:
     adv_lr: float = _f(5e-2, "learning rate of the inner attack")
     adv_vectors: int = _f(3, "trainable token vectors of the inner attack")
     adv_batch: int = _f(8, "unsafe images per inner-attack step")
-    adv_share: float = _f(0.5, "share of the preference pairs conditioned on the inner attack's prompt")
+    adv_weight: float = _f(1.0, "weight of the preference term on the pairs conditioned on the inner attack's prompt")
+    adv_init: str = _f(
+        "persistent",
+        "each round of the inner attack continues from the last one's vectors (persistent), or starts afresh from "
+        "random vocabulary rows (fresh)",
+        choices=["persistent", "fresh"],
+    )
 
     @property
     def coupled_lr(self) -> float:
@@ -151,7 +157,7 @@ class LoopConfig:
     """The training loop of the gradient methods: optimizer, batches, LoRA, checkpoints."""
 
     steps: int = _f(1000, "optimizer steps (authors: 1000 nudity, 500 per violence part)")
-    lr: float | None = _f(None, "learning rate (default: DUO base_lr·100/β; ESD 1e-4)")
+    lr: float | None = _f(None, "learning rate (default: DUO base_lr·100/β; ESD, AdvUnlearn 1e-4)")
     t_min: int | None = _f(None, "lowest training timestep (default 0)")
     t_max: int | None = _f(
         None, "timesteps are drawn in [t_min, t_max) (default: DUO SDEdit strength·T; ESD every step)"
@@ -161,7 +167,7 @@ class LoopConfig:
     targets: str | None = _f(
         None,
         "LoRA target modules as a regex (default per method: DUO self-attention q/k/v/out, ESD-x cross-attention, "
-        "ESD-u every other layer)",
+        "ESD-u every other layer, AdvUnlearn the text encoder's attention and feed-forward layers)",
     )
     batch_size: int = _f(4, "pairs per forward pass, per process")
     grad_accum: int = _f(1, "micro-batches per optimizer step; pairs per step = batch_size × grad_accum × processes")
@@ -300,13 +306,13 @@ def _duo_checks(c: TrainConfig) -> list[tuple[bool, str]]:
 
 
 def _adversary_checks(c: TrainConfig) -> list[tuple[bool, str]]:
-    adv = [f for f in fields(DuoConfig) if f.name.startswith("adv_")]
+    adv = [f for f in fields(DuoConfig) if f.name.startswith("adv_")]  # adv_init's choices: checked by validate
     changed = [f"--{_flag(f.name)}" for f in adv if getattr(c, f.name) != f.default]
     return [
         (c.adversarial != "none" or not changed, f"{', '.join(changed)} only apply with --adversarial; drop them"),
         (min(c.adv_every, c.adv_steps, c.adv_vectors, c.adv_batch) >= 1, "--adv-every/-steps/-vectors/-batch: ≥ 1"),
         (c.adv_lr > 0, "--adv-lr must be positive"),
-        (0 < c.adv_share <= 1, "--adv-share must be in (0, 1]"),
+        (c.adv_weight > 0, "--adv-weight must be positive"),
     ]
 
 

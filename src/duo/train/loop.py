@@ -46,7 +46,7 @@ class TrainState:
     accelerator: object
     family: object
     method: object  # a duo.train.methods method: draw(step, G) and micro_loss(unet, acc, draws)
-    unet: torch.nn.Module  # as prepared by accelerate (wrapped for DDP on several processes)
+    unet: torch.nn.Module  # the trained module (UNet; AdvUnlearn: text encoder) as prepared by accelerate
     optimizer: torch.optim.Optimizer
     params: list[torch.nn.Parameter]
     start: int  # the first step to run: 0, or that of the restored checkpoint
@@ -80,19 +80,21 @@ def setup(cfg: TrainConfig, make=make_method) -> TrainState:
     family = load_family(cfg.model, dtype=weight_dtype, device=str(accelerator.device), allow_pickle=cfg.allow_pickle)
     check_method(cfg, family, pairs)
     torch.manual_seed(cfg.seed)
-    attach_lora(family.unet, cfg.rank, cfg.alpha, cfg.targets or family.lora_targets(cfg.method))
+    # where the method's LoRA sits: the UNet, or (AdvUnlearn) the text encoder
+    module = family.text_encoders[0] if cfg.spec.module == "text_encoder" else family.unet
+    attach_lora(module, cfg.rank, cfg.alpha, cfg.targets or family.lora_targets(cfg.method))
     method = make(cfg, family, pairs, accelerator.device)
     if not getattr(method, "needs_text_encoder", False):
         family.offload_encoders()  # only the UNet is needed from here on
     _start(folder, cfg, accelerator)
-    params = lora_parameters(family.unet)
+    params = lora_parameters(module)
     optimizer = torch.optim.AdamW(
         params, lr=cfg.resolved_lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay
     )
-    start = _restore(cfg, family.unet, optimizer, method)
+    start = _restore(cfg, module, optimizer, method)
     if accelerator.is_main_process:
         _truncate_metrics(Path(cfg.out), start)  # a resumed run rewrites the steps after its checkpoint
-    unet, optimizer = accelerator.prepare(family.unet, optimizer)
+    unet, optimizer = accelerator.prepare(module, optimizer)
     if cfg.tracker:
         accelerator.init_trackers("duo", config={k: v for k, v in cfg.to_dict().items() if v is not None})
     return TrainState(cfg, pairs, folder, accelerator, family, method, unet, optimizer, params, start)

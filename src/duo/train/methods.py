@@ -14,8 +14,9 @@ import torch
 from duo.data.pairs import PairSet
 from duo.errors import UserError
 from duo.models.lora import adapters_disabled
-from duo.objectives import duo_loss, esd_loss, per_sample_mse
+from duo.objectives import duo_loss, esd_loss, per_sample_mse, preference_deltas, preference_loss
 from duo.train.adversary import Adversary
+from duo.train.advunlearn import AdvUnlearnMethod
 from duo.train.config import TrainConfig
 from duo.train.draws import Draws, StepDraws, draw_step, pair_indices
 
@@ -91,7 +92,7 @@ class DuoMethod:
         if cfg.adversarial != "none":
             c = self.cache
             self.adversary = Adversary(cfg, family, pairs, c.mean[:, 0], c.std[:, 0], device)
-            self.metrics = (*DuoMethod.metrics, "adv_loss")
+            self.metrics = (*DuoMethod.metrics, "adv_pref", "adv_loss")
 
     @property
     def needs_text_encoder(self) -> bool:
@@ -110,12 +111,6 @@ class DuoMethod:
             self.adversary.load_state_dict(state)
 
     def draw(self, step: int, global_batch: int) -> StepDraws:
-        d = self._draw(step, global_batch)
-        if self.adversary is not None:
-            d.use_adversary = self.adversary.draw_use(step, global_batch)
-        return d
-
-    def _draw(self, step: int, global_batch: int) -> StepDraws:
         cfg, c = self.cfg, self.cache
         return draw_step(
             cfg.seed,
@@ -138,8 +133,6 @@ class DuoMethod:
         x0 = fam.latents_from_distribution(c.mean[idx], c.std[idx], d.latent_noise)  # (b, 2, C, H, W)
         x_lose0, x_win0 = x0[:, 0], x0[:, 1]
         cond = torch.where(d.use_concept[:, None, None], c.emb_unsafe[idx], c.emb_empty.expand(b, -1, -1))
-        if self.adversary is not None:
-            cond = torch.where(d.use_adversary[:, None, None], self.adversary.emb[idx], cond)
         T = torch.full((b,), fam.keep_timestep(), device=dev, dtype=torch.long)
         latents = [fam.add_noise(x_lose0, d.noise, d.t_lose), fam.add_noise(x_win0, d.noise, d.t_win), d.noise_T]
         ts, embs = [d.t_lose, d.t_win, T], [cond, cond, c.emb_empty.expand(b, -1, -1)]
@@ -148,14 +141,17 @@ class DuoMethod:
             latents.append(fam.add_noise(x_win0, d.retain_noise, d.t_retain))
             ts.append(d.t_retain)
             embs.append(c.emb_retain[retain_idx])
+        n_rows = len(latents) * b  # the rows duo_loss reads; adversarial rows follow them
+        if self.adversary is not None:  # the same x⁻_t, x⁺_t under the inner attack's prompt
+            latents, ts, embs = latents + latents[:2], ts + ts[:2], embs + [self.adversary.emb[idx]] * 2
         latents, ts, embs = torch.cat(latents), torch.cat(ts), torch.cat(embs)
         target = torch.cat(
             [fam.training_target(x_lose0, d.noise, d.t_lose), fam.training_target(x_win0, d.noise, d.t_win)]
         )
         reference, policy = _reference_and_policy(fam, unet, acc, latents, ts, embs)
         parts = duo_loss(
-            policy,
-            reference,
+            policy[:n_rows],
+            reference[:n_rows],
             target,
             b,
             self.cfg.beta,
@@ -164,6 +160,9 @@ class DuoMethod:
         )
         out = {name: getattr(parts, name) for name in DuoMethod.metrics}
         if self.adversary is not None:
+            lose, win = preference_deltas(policy[n_rows:], reference[n_rows:], target)
+            out["adv_pref"] = preference_loss(win, lose, self.cfg.beta).mean()
+            out["loss"] = parts.loss + self.cfg.adv_weight * out["adv_pref"]
             out["adv_loss"] = self.adversary.last_loss.to(parts.loss.device)
         return out
 
@@ -246,7 +245,7 @@ def _reference_and_policy(fam, unet, acc, latents, ts, embs, policy_rows: int | 
     return reference, policy
 
 
-METHODS = {"duo": DuoMethod, "esd-u": EsdMethod, "esd-x": EsdMethod}
+METHODS = {"duo": DuoMethod, "esd-u": EsdMethod, "esd-x": EsdMethod, "advunlearn": AdvUnlearnMethod}
 
 
 def make_method(cfg: TrainConfig, family, pairs: PairSet, device):
