@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from duo.errors import UserError
 from duo.runs import RUN_FILE, content_hash, read_run
 from duo.train import loop
+from duo.train.advunlearn_config import AdvUnlearnConfig
 from duo.train.api import LORA_FILE, RECIPES, resolve_config, train
 from duo.train.config import METHODS, DuoConfig, EsdConfig, LoopConfig, RunConfig, TrainConfig, UceConfig, owners
 
@@ -62,7 +63,8 @@ CASES = [
     (DuoConfig, "esd-x", "duo"),
     (EsdConfig, "duo", "esd-u / esd-x"),
     (UceConfig, "esd-u", "uce"),
-    (LoopConfig, "uce", "duo / esd-u / esd-x"),
+    (LoopConfig, "uce", "duo / esd-u / esd-x / advunlearn"),
+    (AdvUnlearnConfig, "duo", "advunlearn"),
 ]
 
 
@@ -86,7 +88,9 @@ def test_common_settings_are_every_methods_and_the_cli_groups_flags_by_config():
     for method in METHODS:
         TrainConfig(model="m", data="d", out="o", method=method, seed=3, fuse=True, threads=1).validate()
     # the union is exactly the parts: no field declared twice, none outside a part
-    parts = [f.name for c in (RunConfig, LoopConfig, DuoConfig, EsdConfig, UceConfig) for f in fields(c)]
+    parts = [
+        f.name for c in (RunConfig, LoopConfig, DuoConfig, EsdConfig, UceConfig, AdvUnlearnConfig) for f in fields(c)
+    ]
     assert len(parts) == len(set(parts)) and parts == [f.name for f in fields(TrainConfig)]
     assert all(f.default is not MISSING for f in fields(TrainConfig))
     sub = next(a for a in build_parser()._subparsers._group_actions if "train" in a.choices).choices["train"]
@@ -94,7 +98,8 @@ def test_common_settings_are_every_methods_and_the_cli_groups_flags_by_config():
     assert groups["duo"] == {f.name for f in fields(DuoConfig)}
     assert groups["esd-u / esd-x"] == {f.name for f in fields(EsdConfig)}
     assert groups["uce"] == {f.name for f in fields(UceConfig)}
-    assert groups["training loop (duo, esd-u, esd-x)"] == {f.name for f in fields(LoopConfig)}
+    assert groups["advunlearn"] == {f.name for f in fields(AdvUnlearnConfig)}
+    assert groups["training loop (duo, esd-u, esd-x, advunlearn)"] == {f.name for f in fields(LoopConfig)}
     assert groups["every method"] == {f.name for f in fields(RunConfig)}
 
 

@@ -39,6 +39,25 @@ def _alignment(images, prompts: list[str]) -> dict:
 # "red" alone barely moves the Shapes model: DSR ≤ 0.13) for 500 steps at two learning rates (1e-3 reaches
 # DUO's direct-prompt DSR, 3e-4 keeps more); UCE maps each pair's unsafe prompt to its safe prompt (the
 # authors' word-to-empty mapping reached DSR 0.34 here). docs/baselines.md has the measurements.
+#
+# AdvUnlearn: the authors' attack (1 token, 30 Adam steps at 1e-3, a random token to start) and retain term (0.3,
+# 5 prompts per image; here the concept's neighbours) on a text-encoder LoRA at our lr 1e-4. Chosen on the training
+# prompts: red rate 1.00 → 0.03, other colours kept; UnlearnDiffAtk (small, 8 × 2 images) DSR 0.94, against 0.50
+# for the same training without the attack. Where it differs from the authors:
+# - the pairs' unsafe prompts, not the word: "red" alone barely moves the Shapes model (300 plain steps left red
+#   at 1.00; the prompts took it to 0.06), as ESD found;
+# - 400 steps of which 300 warm-up (authors 1000 / 200): Shapes' 16-position encoder, trained on one grammar, reads
+#   a prefixed prompt with every word shifted, so erasure learned under the prefix barely reaches the plain
+#   prompt (100 warm-up + 200 attacked steps: red 1.00 plain, 0.06 with a prefix word); the plain prompt is
+#   erased in warm-up, the attacked steps then cover the prefixed ones (0.00 both);
+# - a fresh attack every 2nd step (authors: every step): an attack costs ~10 plain steps; 3–4 min at 1 thread.
+ADVUNLEARN = {
+    "method": "advunlearn",
+    "unlearn_prompts": "unsafe",
+    "steps": 400,
+    "attack_warmup": 300,
+    "attack_every": 2,
+}
 METHODS = (
     {"label": "DUO β=25", "train": {"beta": 25.0}},
     {"label": "DUO β=50", "train": {"beta": 50.0}},
@@ -48,6 +67,7 @@ METHODS = (
     {"label": "ESD-x lr 3e-4", "train": {"method": "esd-x", "esd_prompts": "unsafe", "lr": 3e-4, "steps": 500}},
     {"label": "ESD-u", "train": {"method": "esd-u", "esd_prompts": "unsafe", "lr": 1e-3, "steps": 500}},
     {"label": "UCE", "train": {"method": "uce", "uce_erase": "prompts"}},
+    {"label": "AdvUnlearn", "train": ADVUNLEARN},
     {"label": "negative prompt", "guard": "negprompt"},
     {"label": "SLD-Max", "guard": "sld-max"},
     {"label": "original"},

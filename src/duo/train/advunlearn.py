@@ -29,7 +29,8 @@ Where we differ (each a flag or a documented choice):
 - The attack's gradient is zeroed between its steps (the published loop never zeroes it, so Adam sees the running
   sum of every earlier step's gradient); the attack draws fresh noise and t each step, on the step's pairs.
 Every random draw is a function of (seed, step); the vectors in use are checkpointed (`state_dict`), so
-`--resume` continues exactly.
+`--resume` continues exactly. On Shapes a small encoder reads a prefixed prompt as a shifted one, and erasure learned
+under the prefix barely reaches the plain prompt: its compare row warms up longer (duo.shapes.world says why).
 """
 
 from __future__ import annotations
