@@ -61,9 +61,9 @@ class DemoConfig:
     compare: bool = field(
         default=False,
         metadata={
-            "help": "instead of DUO alone: DUO (β 25, 50, 100, 500), ESD-x (two lr), ESD-u, UCE, negative prompt, "
-            "SLD-Max and the original under the --attacks, each for every --seeds, into OUT/compare (Shapes only; "
-            "1.5-2.5 min a point on one thread)"
+            "help": "instead of DUO alone: DUO (β 25, 50, 100, 500), ESD-x (two lr), ESD-u, UCE, AdvUnlearn, "
+            "negative prompt, SLD-Max and the original under the --attacks, each for every --seeds, into "
+            "OUT/compare (Shapes only; 4-8 min a point on one thread)"
         },
     )
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "seeds of --compare"})
