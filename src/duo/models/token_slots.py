@@ -72,3 +72,11 @@ def word_vectors(family: ModelFamily, word: str, n: int) -> torch.Tensor:
         raise UserError(f"init word '{word}' gives no tokens; pass a word such as 'a' or 'object'.")
     weight = embedding_table(family).weight.detach()
     return weight[ids].float().mean(0, keepdim=True).repeat(n, 1).clone()
+
+
+def random_vocabulary_vectors(family: ModelFamily, n: int, generator: torch.Generator, ids=None) -> torch.Tensor:
+    """(n, dim) input embeddings of n tokens drawn uniformly from `ids` (default: the regular vocabulary)."""
+    ids = family.regular_token_ids() if ids is None else ids
+    weight = embedding_table(family).weight.detach()
+    pick = ids[torch.randint(len(ids), (n,), generator=generator)]
+    return weight[pick.to(weight.device)].float().clone()

@@ -28,7 +28,7 @@ import torch
 
 from duo.data.concepts import token_prompt
 from duo.data.pairs import PairSet
-from duo.models.token_slots import TokenSlots, embedding_table, word_vectors
+from duo.models.token_slots import TokenSlots, random_vocabulary_vectors, word_vectors
 from duo.objectives import per_sample_mse
 
 INIT_WORD = "a"  # not a concept word: the vectors must find the concept, not start from it
@@ -81,10 +81,8 @@ class Adversary:
 
     def _restart(self, g: torch.Generator) -> None:
         """Random vocabulary rows as the new start, and a new Adam: no memory of earlier rounds."""
-        ids = self.family.regular_token_ids()
-        pick = ids[torch.randint(len(ids), (self.cfg.adv_vectors,), generator=g)]
         with torch.no_grad():
-            self.vectors.copy_(embedding_table(self.family).weight[pick.to(self.device)].float())
+            self.vectors.copy_(random_vocabulary_vectors(self.family, self.cfg.adv_vectors, g).to(self.device))
         self.optimizer = torch.optim.Adam([self.vectors], lr=self.cfg.adv_lr)
 
     def _loss(self, policy: torch.nn.Module, g: torch.Generator) -> torch.Tensor:

@@ -43,7 +43,7 @@ import torch
 from duo.data.pairs import PairSet
 from duo.errors import UserError
 from duo.models.lora import adapters_disabled
-from duo.models.token_slots import TokenSlots, embedding_table
+from duo.models.token_slots import TokenSlots, random_vocabulary_vectors
 from duo.objectives import advunlearn_loss, per_sample_mse
 from duo.seeds import derive_seed
 from duo.train.config import TrainConfig
@@ -150,9 +150,7 @@ class AdvUnlearnMethod:
     def _initial_vectors(self, g: torch.Generator) -> torch.Tensor:
         if self.cfg.attack_init == "latest" and self.vectors is not None:
             return self.vectors.detach().clone()
-        weight = embedding_table(self.family).weight.detach()
-        ids = self.real_ids[_randint(len(self.real_ids), (self.cfg.attack_tokens,), g)]
-        return weight[ids.to(weight.device)].float().clone()
+        return random_vocabulary_vectors(self.family, self.cfg.attack_tokens, g, self.real_ids)
 
     def attack(self, d: AdvDraws, step: int, acc) -> tuple[torch.Tensor, torch.Tensor]:
         """k vectors before the step's concept prompts that bring the original's concept prediction back past the
