@@ -30,6 +30,7 @@ VARIANTS = {
     "DUO-adv ci weight 3": {**CI, "adv_weight": 3.0},
     "DUO-adv soft": {"adversarial": "soft-prompt", "adv_vectors": 5},
     "DUO-adv soft fresh": {"adversarial": "soft-prompt", "adv_vectors": 5, "adv_init": "fresh", "adv_every": 25, "adv_steps": 50},
+    "DUO-adv ud": {"adversarial": "unlearndiff", "adv_vectors": 5},
     "DUO mixed": {"conditioning": "mixed"},
 }
 ATTACKS = {

@@ -35,6 +35,29 @@ def test_placement_of_the_vectors():
         "<s0> a star",
         "<s0> a square",
     ]
+    assert adversarial_texts("unlearndiff", prompts[:1], words, "<s0>") == ["<s0> a red circle on a black background"]
+
+
+def test_unlearndiff_adversary_conditions_on_real_tokens(tiny_model, pairs_dir):
+    """After a round, the adversarial conditioning is exactly the prompt with the prefix's tokens written out:
+    the inner attack moved continuous vectors, but only their nearest tokens ever reach the text encoder."""
+    from duo.data.pairs import load_pairs
+    from duo.models.family import load_family
+    from duo.train.adversary import Adversary
+
+    cfg = resolve_config(model=tiny_model, data=pairs_dir, out="unused", **{**ADV, "adversarial": "unlearndiff"})
+    family = load_family(tiny_model, device="cpu")
+    pairs = load_pairs(pairs_dir)
+    mean, std = family.encode_images(pairs.unsafe_images, pairs.resolution)
+    adv = Adversary(cfg, family, pairs, mean, std, "cpu")
+    start = adv.vectors.detach().clone()
+    adv.refresh(family.unet, step=0)
+    assert not torch.equal(start, adv.vectors)
+    ids = adv.ids.clone()
+    for slot, token in zip(adv.slots.ids, adv.prefix_ids()):
+        ids[ids == slot] = token
+    written = family.encode_ids(ids)
+    torch.testing.assert_close(adv.emb, written, rtol=0, atol=1e-5)
 
 
 def test_resume_is_exact_with_the_inner_attack(tiny_model, pairs_dir, tmp_path):

@@ -43,19 +43,3 @@ def full_vocabulary_ids(family: ModelFamily, banned: set[str] = frozenset()) -> 
     words = {w.lower() for w in banned}
     keep = [i for i in ids.tolist() if family.decode_ids([i]).strip().lower() not in words]
     return torch.tensor(keep, dtype=torch.long)
-
-
-def project(
-    vectors: torch.Tensor, candidates: torch.Tensor, weight: torch.Tensor, metric: str = "cosine"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest candidate token of each vector: (ids, their embedding rows)."""
-    rows = weight.detach()[candidates.to(weight.device)].float()
-    v = vectors.detach().float().to(rows.device)
-    if metric == "cosine":
-        scores = torch.nn.functional.normalize(v, dim=-1) @ torch.nn.functional.normalize(rows, dim=-1).T
-    elif metric == "l2":
-        scores = -torch.cdist(v, rows)
-    else:
-        raise UserError(f"projection metric must be 'cosine' or 'l2', got '{metric}'")
-    ids = candidates.to(rows.device)[scores.argmax(-1)]
-    return ids, weight.detach()[ids].float()

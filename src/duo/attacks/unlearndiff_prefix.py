@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from duo.attacks.denoising import denoising_loss
-from duo.attacks.tokens import project, random_word_ids
-from duo.models.token_slots import TokenSlots, embedding_table, word_vectors
+from duo.attacks.tokens import random_word_ids
+from duo.models.token_slots import TokenSlots, embedding_table, project, word_vectors
 
 if TYPE_CHECKING:
     from duo.models.protocol import ModelFamily

@@ -14,7 +14,10 @@ attacker would do), so the LoRA cannot just outrun one token's trajectory; round
 
 Placement (`--adversarial`):
 - `concept-inversion`: the vectors replace each concept word of the pair's unsafe prompt (as the attack does);
-- `soft-prompt`: the vectors come before the unsafe prompt with its concept words deleted (as the attack does).
+- `soft-prompt`: the vectors come before the unsafe prompt with its concept words deleted (as the attack does);
+- `unlearndiff`: a prefix before the whole unsafe prompt, made of real tokens as UnlearnDiffAtk's is: the forward
+  pass uses each vector's nearest vocabulary token (cosine), and the gradient passes straight through to the
+  vector (PEZ's relaxation; the published attack's simplex relaxation needs far more steps than a round has).
 
 The whole state is a function of (seed, step): each round draws from its own generator seeded by the round's
 step, and the vectors and Adam moments are checkpointed with the LoRA, so `--resume` continues exactly.
@@ -28,7 +31,7 @@ import torch
 
 from duo.data.concepts import token_prompt
 from duo.data.pairs import PairSet
-from duo.models.token_slots import TokenSlots, random_vocabulary_vectors, word_vectors
+from duo.models.token_slots import TokenSlots, embedding_table, project, random_vocabulary_vectors, word_vectors
 from duo.objectives import per_sample_mse
 
 INIT_WORD = "a"  # not a concept word: the vectors must find the concept, not start from it
@@ -42,6 +45,8 @@ def adversarial_texts(kind: str, prompts: list[str], unsafe_words: list[str], sl
     if kind == "soft-prompt":
         stripped = [re.sub(r"\s+", " ", token_prompt(p, unsafe_words, "")).strip() for p in prompts]
         return [f"{slots_text} {s}".strip() for s in stripped]
+    if kind == "unlearndiff":
+        return [f"{slots_text} {p}" for p in prompts]
     raise ValueError(f"unknown adversary {kind!r}")
 
 
@@ -57,6 +62,8 @@ class Adversary:
         self.ids = family.tokenize(texts).to(device)
         self.vectors = torch.nn.Parameter(word_vectors(family, INIT_WORD, cfg.adv_vectors).to(device))
         self.optimizer = torch.optim.Adam([self.vectors], lr=cfg.adv_lr)
+        self.discrete = cfg.adversarial == "unlearndiff"
+        self.candidates = family.regular_token_ids() if self.discrete else None
         self.last_loss = torch.zeros(())
         self.emb = self._encode()
 
@@ -69,8 +76,8 @@ class Adversary:
         if self.cfg.adv_init == "fresh":
             self._restart(g)
         with self.slots.hooked(), torch.enable_grad():
-            self.slots.vectors = self.vectors
             for _ in range(self.cfg.adv_steps):
+                self.slots.vectors = self.used_vectors()
                 loss = self._loss(policy, g)
                 (grad,) = torch.autograd.grad(loss, [self.vectors])
                 self.vectors.grad = grad
@@ -78,6 +85,18 @@ class Adversary:
                 self.optimizer.zero_grad(set_to_none=True)
         self.last_loss = loss.detach().cpu()
         self.emb = self._encode()
+
+    def used_vectors(self) -> torch.Tensor:
+        """What the text encoder sees: the vectors, or (unlearndiff) their nearest tokens' rows with the
+        vectors' gradient (straight-through)."""
+        if not self.discrete:
+            return self.vectors
+        _, rows = project(self.vectors, self.candidates, embedding_table(self.family).weight)
+        return self.vectors + (rows.to(self.vectors) - self.vectors).detach()
+
+    def prefix_ids(self) -> list[int]:
+        """The tokens of an unlearndiff prefix as it stands (for logs and tests)."""
+        return project(self.vectors, self.candidates, embedding_table(self.family).weight)[0].tolist()
 
     def _restart(self, g: torch.Generator) -> None:
         """Random vocabulary rows as the new start, and a new Adam: no memory of earlier rounds."""
@@ -100,7 +119,7 @@ class Adversary:
     def _encode(self, chunk: int = 64) -> torch.Tensor:
         """(N, L, D) conditioning of every pair's adversarial prompt with the current vectors."""
         with self.slots.hooked():
-            self.slots.vectors = self.vectors.detach()
+            self.slots.vectors = self.used_vectors().detach()
             parts = [self.family.encode_ids(self.ids[i : i + chunk]) for i in range(0, len(self.ids), chunk)]
         return torch.cat(parts).detach()
 

@@ -20,7 +20,7 @@ from duo.errors import UserError
 from duo.train.advunlearn_config import AdvUnlearnConfig, advunlearn_checks
 
 # The inner attacks of `--adversarial`; how each places its vectors: duo.train.adversary.
-ADVERSARIES = ("none", "concept-inversion", "soft-prompt")
+ADVERSARIES = ("none", "concept-inversion", "soft-prompt", "unlearndiff")
 
 
 def _f(default, help: str, **kw):
@@ -61,9 +61,10 @@ class DuoConfig:
     adversarial: str = _f(
         "none",
         "adversarial DUO: every --adv-every steps an inner attack learns token vectors that bring the concept back "
-        "past the LoRA being trained, and --adv-share of the preference pairs are conditioned on them: none "
+        "past the LoRA being trained, and every pair is used a second time conditioned on them: none "
         "(authors), concept-inversion (vectors in place of the concept's words), soft-prompt (vectors before the "
-        "prompt, the concept's words deleted)",
+        "prompt, the concept's words deleted), unlearndiff (a prefix of real tokens before the whole prompt: each "
+        "vector is replaced by its nearest vocabulary token, gradients pass straight through)",
         choices=list(ADVERSARIES),
     )
     adv_every: int = _f(10, "optimizer steps between rounds of the inner attack")
