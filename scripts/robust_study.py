@@ -21,15 +21,16 @@ import torch
 
 # variant → flags over the shapes-red preset (src/duo/concepts/shapes-red.yaml `train:`)
 CI = {"adversarial": "concept-inversion"}
+FRESH = {"adv_init": "fresh", "adv_every": 25, "adv_steps": 50}
 VARIANTS = {
     "DUO": {},
     "DUO-adv ci": CI,
-    "DUO-adv ci fresh": {**CI, "adv_init": "fresh", "adv_every": 25, "adv_steps": 50},
+    "DUO-adv ci fresh": {**CI, **FRESH},
     "DUO-adv ci every 5": {**CI, "adv_every": 5},
     "DUO-adv ci 20 steps": {**CI, "adv_steps": 20},
     "DUO-adv ci weight 3": {**CI, "adv_weight": 3.0},
     "DUO-adv soft": {"adversarial": "soft-prompt", "adv_vectors": 5},
-    "DUO-adv soft fresh": {"adversarial": "soft-prompt", "adv_vectors": 5, "adv_init": "fresh", "adv_every": 25, "adv_steps": 50},
+    "DUO-adv soft fresh": {"adversarial": "soft-prompt", "adv_vectors": 5, **FRESH},
     "DUO-adv ud": {"adversarial": "unlearndiff", "adv_vectors": 5},
     "DUO mixed": {"conditioning": "mixed"},
 }
