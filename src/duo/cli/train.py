@@ -13,7 +13,8 @@ def add_parser(sub) -> None:
     parser = sub.add_parser(
         "train",
         help="train the unlearning LoRA with the DUO objective (or a baseline: --method)",
-        description="Train a LoRA on the UNet with DUO: L = −log σ(−β[Δ(x⁺) − Δ(x⁻)]) + λ‖ε_θ(x_T) − ε_ref(x_T)‖². "
+        description="Train a LoRA on the UNet (or, --lora-on text-encoder, on the text encoder) with DUO: "
+        "L = −log σ(−β[Δ(x⁺) − Δ(x⁻)]) + λ‖ε_θ(x_T) − ε_ref(x_T)‖². "
         "Defaults are the authors' (SPEC §3), then the concept file's `train:` section (DUO only), then your "
         "flags. The flags of a method other than --method's are refused. "
         "An existing --out is never overwritten silently: use --resume or --overwrite.",

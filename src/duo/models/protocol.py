@@ -96,9 +96,10 @@ class ModelFamily(Protocol):
         """Free the accelerator of everything but the denoiser once encodings are cached."""
         ...
 
-    def lora_targets(self, method: str) -> str:
+    def lora_targets(self, method: str, module: str | None = None) -> str:
         """The layers a method trains, as a module-name pattern for PEFT: of the denoiser for 'duo', 'esd-x' and
-        'esd-u', of the first text encoder for 'advunlearn'."""
+        'esd-u', of the first text encoder for 'advunlearn' or whenever `module` is 'text_encoder' (DUO's
+        --lora-on text-encoder)."""
         ...
 
     # ---- generation ----------------------------------------------------------------------------------------

@@ -329,11 +329,14 @@ class StableDiffusionFamily(StableDiffusionText):
         self.pipe.save_pretrained(folder, safe_serialization=True)
 
     # ---- baselines (ESD, UCE) ----------------------------------------------------------------------
-    def lora_targets(self, method: str) -> str:
+    def lora_targets(self, method: str, module: str | None = None) -> str:
         """Which layers a method trains: DUO self-attention, ESD-x cross-attention, ESD-u all but it (UNet);
-        AdvUnlearn every attention and feed-forward layer of the text encoder."""
+        AdvUnlearn, and any method whose LoRA sits on the text encoder, every attention and feed-forward layer
+        of the text encoder."""
         from duo.models.lora import CROSS_ATTENTION, NON_CROSS_ATTENTION, TEXT_ENCODER_LAYERS
 
+        if module == "text_encoder":
+            return TEXT_ENCODER_LAYERS
         return {
             "duo": SELF_ATTENTION,
             "esd-x": CROSS_ATTENTION,

@@ -9,6 +9,11 @@ once; DuoMethod adds each pair once more under them (the same x⁻_t, x⁺_t, a 
 `adv_weight`), so the preference for the safe image is also learned under the conditioning that brings the
 concept back, while the plain term keeps its full weight.
 
+With the LoRA on the text encoder (`--lora-on text-encoder`) the policy the attack runs against is the frozen UNet
+reading the encoder with its LoRA on (`family.encode_ids` calls the module the LoRA is attached to), and the
+adversarial rows cannot be encoded once per round: DuoMethod encodes them every step through the LoRA, with the
+vectors in place (`vectors_in_place`); `emb` is then the original encoder's reading, the reference's.
+
 With `--adv-init fresh` each round instead restarts from random vocabulary rows with a new Adam (what a new
 attacker would do), so the LoRA cannot just outrun one token's trajectory; rounds then need more steps.
 
@@ -26,11 +31,13 @@ step, and the vectors and Adam moments are checkpointed with the LoRA, so `--res
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 
 import torch
 
 from duo.data.concepts import token_prompt
 from duo.data.pairs import PairSet
+from duo.models.lora import adapters_disabled
 from duo.models.token_slots import TokenSlots, embedding_table, project, random_vocabulary_vectors, word_vectors
 from duo.objectives import per_sample_mse
 
@@ -115,11 +122,19 @@ class Adversary:
         pred = fam.denoise(policy, fam.add_noise(x0, noise, t), t, fam.encode_ids(self.ids[idx]))
         return per_sample_mse(pred, fam.training_target(x0, noise, t)).mean()
 
-    @torch.no_grad()
-    def _encode(self, chunk: int = 64) -> torch.Tensor:
-        """(N, L, D) conditioning of every pair's adversarial prompt with the current vectors."""
+    @contextmanager
+    def vectors_in_place(self):
+        """Prompts with the placeholders encode with the current vectors while this is active (their gradient
+        stops here: the outer loss trains the LoRA, the inner attack alone moves the vectors)."""
         with self.slots.hooked():
             self.slots.vectors = self.used_vectors().detach()
+            yield
+
+    @torch.no_grad()
+    def _encode(self, chunk: int = 64) -> torch.Tensor:
+        """(N, L, D) conditioning of every pair's adversarial prompt with the current vectors, read by the original
+        text encoder: a LoRA on it (--lora-on text-encoder) is off, so this is the reference's conditioning."""
+        with self.vectors_in_place(), adapters_disabled(self.family.text_encoders[0]):
             parts = [self.family.encode_ids(self.ids[i : i + chunk]) for i in range(0, len(self.ids), chunk)]
         return torch.cat(parts).detach()
 

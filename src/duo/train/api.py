@@ -22,7 +22,9 @@ __all__ = ["LORA_FILE", "RECIPES", "resolve_config", "train", "train_from_flags"
 
 def resolve_config(**explicit) -> TrainConfig:
     """Authors' defaults < the concept's `train:` section (read from the pairs folder) < explicit values."""
-    TrainConfig(**explicit).check_method_flags()  # a flag of another method fails before anything is read
+    early = TrainConfig(**explicit)  # a flag of another method, or a value out of its choices, fails before
+    early.check_method_flags()  # anything is read
+    early.check_choices()
     data = explicit.get("data")
     if not data:
         raise UserError("--data is required: the pairs folder written by `duo curate`")

@@ -35,6 +35,7 @@ def write_model_card(out: Path, cfg, pairs) -> None:
                 ("conditioning", c.conditioning),
                 ("keep term", c.keep),
                 ("timesteps", c.timesteps),
+                ("LoRA on", "text encoder" if c.lora_on == "text-encoder" else "UNet"),
             ]
         elif c.method == "advunlearn":
             specific += [("η", c.negative_guidance), ("retain weight", c.retain_weight)]

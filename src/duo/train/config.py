@@ -21,6 +21,8 @@ from duo.train.advunlearn_config import AdvUnlearnConfig, advunlearn_checks
 
 # The inner attacks of `--adversarial`; how each places its vectors: duo.train.adversary.
 ADVERSARIES = ("none", "concept-inversion", "soft-prompt", "unlearndiff")
+# DUO's `--lora-on` values and the module each names (MethodSpec.module's values).
+LORA_PLACEMENTS = {"unet": "unet", "text-encoder": "text_encoder"}
 
 
 def _f(default, help: str, **kw):
@@ -57,6 +59,14 @@ class DuoConfig:
         "safe",
         "prompts of the retain term: each pair's safe prompt, or the concept's neighbours",
         choices=["safe", "neighbours"],
+    )
+    lora_on: str = _f(
+        "unet",
+        "where the LoRA sits: unet (authors; --targets default self-attention) or text-encoder (the first text "
+        "encoder, the frozen UNet reads its conditioning; --targets default: its attention and feed-forward layers, "
+        "as AdvUnlearn's). The concept file's `targets:` belong to its own placement (the UNet unless it sets "
+        "lora_on), so they are dropped when --lora-on moves the LoRA elsewhere",
+        choices=list(LORA_PLACEMENTS),
     )
     adversarial: str = _f(
         "none",
@@ -168,7 +178,8 @@ class LoopConfig:
     targets: str | None = _f(
         None,
         "LoRA target modules as a regex (default per method: DUO self-attention q/k/v/out, ESD-x cross-attention, "
-        "ESD-u every other layer, AdvUnlearn the text encoder's attention and feed-forward layers)",
+        "ESD-u every other layer, AdvUnlearn and DUO --lora-on text-encoder the text encoder's attention and "
+        "feed-forward layers)",
     )
     batch_size: int = _f(4, "pairs per forward pass, per process")
     grad_accum: int = _f(1, "micro-batches per optimizer step; pairs per step = batch_size × grad_accum × processes")
@@ -232,6 +243,11 @@ class TrainConfig(AdvUnlearnConfig, UceConfig, EsdConfig, DuoConfig, LoopConfig,
         return METHODS[self.method]
 
     @property
+    def lora_module(self) -> str:
+        """Where the trained LoRA sits: the method's module, or for DUO the one --lora-on names."""
+        return LORA_PLACEMENTS[self.lora_on] if self.method == "duo" else self.spec.module
+
+    @property
     def resolved_lr(self) -> float:
         if self.lr is not None:
             return self.lr
@@ -240,10 +256,7 @@ class TrainConfig(AdvUnlearnConfig, UceConfig, EsdConfig, DuoConfig, LoopConfig,
     def validate(self) -> None:
         """Reject bad values and invalid combinations before any model loads."""
         self.check_method_flags()
-        for f in fields(self):
-            choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
-                raise UserError(f"--{_flag(f.name)} must be one of {choices}, got {getattr(self, f.name)!r}")
+        self.check_choices()
         for part in method_parts(self.method):
             for ok, message in PART_CHECKS.get(part, lambda c: [])(self):
                 if not ok:
@@ -259,6 +272,12 @@ class TrainConfig(AdvUnlearnConfig, UceConfig, EsdConfig, DuoConfig, LoopConfig,
                 raise UserError(
                     f"--{_flag(f.name)} applies to --method {' / '.join(owners(f.name))}, not {self.method}; drop it."
                 )
+
+    def check_choices(self) -> None:
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise UserError(f"--{_flag(f.name)} must be one of {choices}, got {getattr(self, f.name)!r}")
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -346,4 +365,7 @@ def config_with_concept_defaults(explicit: dict, concept_train: dict) -> TrainCo
         raise UserError(f"the concept's train section has unknown keys {sorted(unknown)}; valid: {sorted(known)}")
     if explicit.get("method", concept_train.get("method", "duo")) != "duo":
         concept_train = {}  # the section tunes DUO; a baseline runs with its own authors' settings
+    own = concept_train.get("lora_on", "unet")
+    if explicit.get("lora_on", own) != own:  # its targets name modules of the placement it was written for
+        concept_train = {k: v for k, v in concept_train.items() if k != "targets"}
     return TrainConfig(**{**concept_train, **explicit})

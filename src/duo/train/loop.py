@@ -46,7 +46,7 @@ class TrainState:
     accelerator: object
     family: object
     method: object  # a duo.train.methods method: draw(step, G) and micro_loss(unet, acc, draws)
-    unet: torch.nn.Module  # the trained module (UNet; AdvUnlearn: text encoder) as prepared by accelerate
+    unet: torch.nn.Module  # the trained module (UNet, or text encoder: cfg.lora_module) as prepared by accelerate
     optimizer: torch.optim.Optimizer
     params: list[torch.nn.Parameter]
     start: int  # the first step to run: 0, or that of the restored checkpoint
@@ -80,9 +80,9 @@ def setup(cfg: TrainConfig, make=make_method) -> TrainState:
     family = load_family(cfg.model, dtype=weight_dtype, device=str(accelerator.device), allow_pickle=cfg.allow_pickle)
     check_method(cfg, family, pairs)
     torch.manual_seed(cfg.seed)
-    # where the method's LoRA sits: the UNet, or (AdvUnlearn) the text encoder
-    module = family.text_encoders[0] if cfg.spec.module == "text_encoder" else family.unet
-    attach_lora(module, cfg.rank, cfg.alpha, cfg.targets or family.lora_targets(cfg.method))
+    # where the method's LoRA sits: the UNet, or (AdvUnlearn, DUO --lora-on text-encoder) the text encoder
+    module = family.text_encoders[0] if cfg.lora_module == "text_encoder" else family.unet
+    _attach(cfg, family, module)
     method = make(cfg, family, pairs, accelerator.device)
     if not getattr(method, "needs_text_encoder", False):
         family.offload_encoders()  # only the UNet is needed from here on
@@ -98,6 +98,13 @@ def setup(cfg: TrainConfig, make=make_method) -> TrainState:
     if cfg.tracker:
         accelerator.init_trackers("duo", config={k: v for k, v in cfg.to_dict().items() if v is not None})
     return TrainState(cfg, pairs, folder, accelerator, family, method, unet, optimizer, params, start)
+
+
+def _attach(cfg: TrainConfig, family, module: torch.nn.Module) -> None:
+    try:
+        attach_lora(module, cfg.rank, cfg.alpha, cfg.targets or family.lora_targets(cfg.method, cfg.lora_module))
+    except ValueError as exc:  # a --targets regex written for the other module (UNet vs text encoder)
+        raise UserError(f"{str(exc).rstrip('.')}. Fix --targets, or drop it for the method's default layers.") from exc
 
 
 def _accelerator(cfg: TrainConfig):

@@ -7,6 +7,7 @@ checkpoints, metrics). DUO pairs each unsafe image with its safe edit; ESD needs
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -43,19 +44,54 @@ def encode_pair_latents(family, pairs: PairSet, device) -> tuple[torch.Tensor, t
     return torch.stack(means, 1).to(device), torch.stack(stds, 1).to(device)
 
 
-def build_cache(family, pairs: PairSet, cfg: TrainConfig, device) -> Cache:
+def retain_prompt_list(pairs: PairSet, cfg: TrainConfig) -> list[str]:
+    """The prompts of the retain term: each pair's safe prompt, or the concept's neighbours."""
     retain_prompts = pairs.concept.neighbours if cfg.retain_prompts == "neighbours" else pairs.safe_prompts
     if cfg.keep == "noise+retain" and not retain_prompts:
         raise UserError("--retain-prompts neighbours needs a 'neighbours' list in the concept file.")
+    return list(retain_prompts)
+
+
+def build_cache(family, pairs: PairSet, cfg: TrainConfig, device) -> Cache:
+    """Latents and the original text encoder's embeddings (a LoRA attached to it is switched off meanwhile)."""
+    retain_prompts = retain_prompt_list(pairs, cfg)
     encode = family.encode_prompts
     mean, std = encode_pair_latents(family, pairs, device)
-    return Cache(
-        mean=mean,
-        std=std,
-        emb_empty=encode([""]).to(device),
-        emb_unsafe=encode(pairs.unsafe_prompts).to(device),
-        emb_retain=encode(retain_prompts).to(device) if cfg.keep == "noise+retain" else encode([""]).to(device),
-    )
+    with adapters_disabled(family.text_encoders[0]):
+        return Cache(
+            mean=mean,
+            std=std,
+            emb_empty=encode([""]).to(device),
+            emb_unsafe=encode(pairs.unsafe_prompts).to(device),
+            emb_retain=encode(retain_prompts).to(device) if cfg.keep == "noise+retain" else encode([""]).to(device),
+        )
+
+
+class LiveText:
+    """DUO with its LoRA on the text encoder: the policy's conditioning, encoded every micro-batch through the
+    encoder being trained, so the loss's gradient reaches its LoRA. Only the rows a micro-batch uses are encoded,
+    in one forward (a DDP-wrapped encoder must be called once per backward)."""
+
+    def __init__(self, family, pairs: PairSet, cfg: TrainConfig, device):
+        self.family = family
+        self.unsafe = family.tokenize(pairs.unsafe_prompts).to(device)
+        self.empty = family.tokenize([""]).to(device)
+        self.retain = family.tokenize(retain_prompt_list(pairs, cfg) or [""]).to(device)
+
+    def rows(self, encoder, acc, use_concept, idx, retain_idx, adversary) -> torch.Tensor:
+        """Conditioning laid out as the batched forward's rows: [c ; c ; c∅ (; c_r) (; c_adv ; c_adv)]."""
+        b = idx.shape[0]
+        cond = torch.where(use_concept[:, None], self.unsafe[idx], self.empty.expand(b, -1))
+        ids = [cond, self.empty]
+        if retain_idx is not None:
+            ids.append(self.retain[retain_idx])
+        if adversary is not None:
+            ids.append(adversary.ids[idx])  # placeholders: only these rows' embeddings are swapped by the hook
+        with acc.autocast(), adversary.vectors_in_place() if adversary is not None else nullcontext():
+            emb = self.family.encode_ids(torch.cat(ids), encoder=encoder)
+        cond, empty, rest = emb[:b], emb[b : b + 1].expand(b, -1, -1), emb[b + 1 :]
+        retain, adv = (rest[:b], rest[b:]) if retain_idx is not None else (rest[:0], rest)
+        return torch.cat([cond, cond, empty, retain, adv, adv])
 
 
 def preference_range(cfg: TrainConfig, family, pairs: PairSet) -> tuple[int, int]:
@@ -75,7 +111,12 @@ def _checked_range(cfg: TrainConfig, family, default: tuple[int, int]) -> tuple[
 
 
 class DuoMethod:
-    """DUO (SPEC §3): preference for x⁺ over x⁻ plus the keep term at pure noise."""
+    """DUO (SPEC §3): preference for x⁺ over x⁻ plus the keep term at pure noise.
+
+    With `--lora-on text-encoder` the UNet is frozen and carries no LoRA: ε_θ is the UNet conditioned through the
+    text encoder with its LoRA (encoded live, `LiveText`), ε_ref the same UNet conditioned through the original
+    encoder (the cache). The loss is the same duo_loss over the same rows.
+    """
 
     metrics = ("loss", "pref", "keep", "retain", "delta_win", "delta_lose", "accuracy")
     shown = "accuracy"
@@ -87,7 +128,9 @@ class DuoMethod:
     def __init__(self, cfg: TrainConfig, family, pairs: PairSet, device):
         self.cfg, self.family, self.n_pairs = cfg, family, len(pairs)
         self.t_range = self.timestep_range(cfg, family, pairs)
-        self.cache = build_cache(family, pairs, cfg, device)
+        self.cache = build_cache(family, pairs, cfg, device)  # the reference's conditioning in both placements
+        # LoRA on the text encoder: the policy reads prompts through it, encoded live
+        self.live = LiveText(family, pairs, cfg, device) if cfg.lora_module == "text_encoder" else None
         self.adversary = None
         if cfg.adversarial != "none":
             c = self.cache
@@ -96,12 +139,13 @@ class DuoMethod:
 
     @property
     def needs_text_encoder(self) -> bool:
-        return self.adversary is not None
+        return self.adversary is not None or self.live is not None
 
-    def before_step(self, unet, acc, step: int) -> None:
-        """A round of the inner attack, against the LoRA as it stands, when one is due."""
+    def before_step(self, module, acc, step: int) -> None:
+        """A round of the inner attack, against the LoRA as it stands, when one is due. With the LoRA on the
+        text encoder the attack's denoiser is the frozen UNet; it reads the encoder (LoRA on) itself."""
         if self.adversary is not None and self.adversary.due(step):
-            self.adversary.refresh(acc.unwrap_model(unet), step)
+            self.adversary.refresh(self.family.unet if self.live else acc.unwrap_model(module), step)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.adversary.state_dict() if self.adversary is not None else {}
@@ -125,44 +169,56 @@ class DuoMethod:
             c.emb_retain.shape[0],
         )
 
-    def micro_loss(self, unet, acc, d: StepDraws) -> dict[str, torch.Tensor]:
+    def micro_loss(self, module, acc, d: StepDraws) -> dict[str, torch.Tensor]:
         """One batched forward over [x⁻_t ; x⁺_t ; x_T (; x⁺ at random t for retain)], policy and reference."""
         fam, c, dev = self.family, self.cache, acc.device
         d = d.to(dev)
         idx, b = d.pair_index, d.pair_index.shape[0]
         x0 = fam.latents_from_distribution(c.mean[idx], c.std[idx], d.latent_noise)  # (b, 2, C, H, W)
         x_lose0, x_win0 = x0[:, 0], x0[:, 1]
-        cond = torch.where(d.use_concept[:, None, None], c.emb_unsafe[idx], c.emb_empty.expand(b, -1, -1))
         T = torch.full((b,), fam.keep_timestep(), device=dev, dtype=torch.long)
         latents = [fam.add_noise(x_lose0, d.noise, d.t_lose), fam.add_noise(x_win0, d.noise, d.t_win), d.noise_T]
-        ts, embs = [d.t_lose, d.t_win, T], [cond, cond, c.emb_empty.expand(b, -1, -1)]
+        ts, retain_idx = [d.t_lose, d.t_win, T], None
         if self.cfg.keep == "noise+retain":
             retain_idx = idx if self.cfg.retain_prompts == "safe" else d.retain_prompt
             latents.append(fam.add_noise(x_win0, d.retain_noise, d.t_retain))
             ts.append(d.t_retain)
-            embs.append(c.emb_retain[retain_idx])
         n_rows = len(latents) * b  # the rows duo_loss reads; adversarial rows follow them
         if self.adversary is not None:  # the same x⁻_t, x⁺_t under the inner attack's prompt
-            latents, ts, embs = latents + latents[:2], ts + ts[:2], embs + [self.adversary.emb[idx]] * 2
-        latents, ts, embs = torch.cat(latents), torch.cat(ts), torch.cat(embs)
+            latents, ts = latents + latents[:2], ts + ts[:2]
+        latents, ts = torch.cat(latents), torch.cat(ts)
+        embs = self._cached_rows(d, idx, retain_idx)
         target = torch.cat(
             [fam.training_target(x_lose0, d.noise, d.t_lose), fam.training_target(x_win0, d.noise, d.t_win)]
         )
-        reference, policy = _reference_and_policy(fam, unet, acc, latents, ts, embs)
-        parts = duo_loss(
-            policy[:n_rows],
-            reference[:n_rows],
-            target,
-            b,
-            self.cfg.beta,
-            self.cfg.resolved_lam,
-            self.cfg.resolved_lam_retain if self.cfg.keep == "noise+retain" else 0.0,
-        )
+        if self.live is None:  # LoRA on the UNet: one conditioning, the UNet with and without its adapters
+            reference, policy = _reference_and_policy(fam, module, acc, latents, ts, embs)
+        else:  # LoRA on the text encoder: one frozen UNet, conditioned by the original and the trained encoder
+            live = self.live.rows(module, acc, d.use_concept, idx, retain_idx, self.adversary)
+            reference, policy = _reference_and_policy(fam, fam.unet, acc, latents, ts, embs, policy_embs=live)
+        return self._loss_parts(policy, reference, target, n_rows, b)
+
+    def _cached_rows(self, d: StepDraws, idx, retain_idx) -> torch.Tensor:
+        """Every row's conditioning as the original text encoder reads it: [c ; c ; c∅ (; c_r) (; c_adv ; c_adv)]."""
+        c, b = self.cache, idx.shape[0]
+        empty = c.emb_empty.expand(b, -1, -1)
+        cond = torch.where(d.use_concept[:, None, None], c.emb_unsafe[idx], empty)
+        embs = [cond, cond, empty]
+        if retain_idx is not None:
+            embs.append(c.emb_retain[retain_idx])
+        if self.adversary is not None:
+            embs += [self.adversary.emb[idx]] * 2
+        return torch.cat(embs)
+
+    def _loss_parts(self, policy, reference, target, n_rows: int, b: int) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        lam_retain = cfg.resolved_lam_retain if cfg.keep == "noise+retain" else 0.0
+        parts = duo_loss(policy[:n_rows], reference[:n_rows], target, b, cfg.beta, cfg.resolved_lam, lam_retain)
         out = {name: getattr(parts, name) for name in DuoMethod.metrics}
         if self.adversary is not None:
             lose, win = preference_deltas(policy[n_rows:], reference[n_rows:], target)
-            out["adv_pref"] = preference_loss(win, lose, self.cfg.beta).mean()
-            out["loss"] = parts.loss + self.cfg.adv_weight * out["adv_pref"]
+            out["adv_pref"] = preference_loss(win, lose, cfg.beta).mean()
+            out["loss"] = parts.loss + cfg.adv_weight * out["adv_pref"]
             out["adv_loss"] = self.adversary.last_loss.to(parts.loss.device)
         return out
 
@@ -234,14 +290,16 @@ class EsdMethod:
         return {"loss": loss, "shift": shift}
 
 
-def _reference_and_policy(fam, unet, acc, latents, ts, embs, policy_rows: int | None = None):
-    """The frozen model (LoRA off) on every row, and the trained one on the first policy_rows (default all)."""
+def _reference_and_policy(fam, unet, acc, latents, ts, embs, policy_rows: int | None = None, policy_embs=None):
+    """The frozen model (LoRA off) on every row, and the trained one on the first policy_rows (default all);
+    policy_embs: the policy's own conditioning (a LoRA on the text encoder), else it reads `embs` too."""
     n = latents.shape[0] if policy_rows is None else policy_rows
+    policy_embs = embs if policy_embs is None else policy_embs
     base = acc.unwrap_model(unet)
     with acc.autocast():
         with torch.no_grad(), adapters_disabled(base):
             reference = fam.denoise(base, latents, ts, embs)
-        policy = fam.denoise(unet, latents[:n], ts[:n], embs[:n])
+        policy = fam.denoise(unet, latents[:n], ts[:n], policy_embs[:n])
     return reference, policy
 
 
