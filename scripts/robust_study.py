@@ -21,6 +21,7 @@ import torch
 
 # variant → flags over the shapes-red preset (src/duo/concepts/shapes-red.yaml `train:`)
 CI = {"adversarial": "concept-inversion"}
+SOFT = {"adversarial": "soft-prompt", "adv_vectors": 5}
 FRESH = {"adv_init": "fresh", "adv_every": 25, "adv_steps": 50}
 VARIANTS = {
     "DUO": {},
@@ -29,10 +30,17 @@ VARIANTS = {
     "DUO-adv ci every 5": {**CI, "adv_every": 5},
     "DUO-adv ci 20 steps": {**CI, "adv_steps": 20},
     "DUO-adv ci weight 3": {**CI, "adv_weight": 3.0},
-    "DUO-adv soft": {"adversarial": "soft-prompt", "adv_vectors": 5},
-    "DUO-adv soft fresh": {"adversarial": "soft-prompt", "adv_vectors": 5, **FRESH},
+    "DUO-adv soft": SOFT,
+    "DUO-adv soft fresh": {**SOFT, **FRESH},
     "DUO-adv ud": {"adversarial": "unlearndiff", "adv_vectors": 5},
     "DUO mixed": {"conditioning": "mixed"},
+    # the anchor: c∅ held at the original on the pairs' x_t (the levers above lower red under c∅ too, which
+    # classifier-free guidance turns into more red: docs/robust_duo.md)
+    "DUO anchored": {"lam_uncond": 1e4},
+    "DUO-adv ci anchored": {**CI, "lam_uncond": 1e4},
+    "DUO-adv soft anchored": {**SOFT, "lam_uncond": 1e4},
+    "DUO-adv soft anchored 1e3": {**SOFT, "lam_uncond": 1e3},
+    "DUO-adv ud anchored": {"adversarial": "unlearndiff", "adv_vectors": 5, "lam_uncond": 1e4},
 }
 ATTACKS = {
     "screen": ["prompts", "concept-inversion", "soft-prompt"],

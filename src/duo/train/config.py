@@ -55,6 +55,12 @@ class DuoConfig:
         choices=["noise", "noise+retain"],
     )
     lam_retain: float | None = _f(None, "weight of the retain part of noise+retain (default: λ)")
+    lam_uncond: float = _f(
+        0.0,
+        "weight of the unconditional anchor ‖ε_θ(x_t, c∅) − ε_ref(x_t, c∅)‖² on each pair's x⁻_t and x⁺_t (0: off). "
+        "Classifier-free guidance extrapolates away from the c∅ branch, so a preference that also lowers the concept "
+        "under c∅ (adversarial rows, mixed conditioning) brings it back at guidance > 1; the anchor holds c∅ in place",
+    )
     retain_prompts: str = _f(
         "safe",
         "prompts of the retain term: each pair's safe prompt, or the concept's neighbours",
@@ -320,6 +326,11 @@ def _duo_checks(c: TrainConfig) -> list[tuple[bool, str]]:
         (
             c.keep == "noise+retain" or (c.lam_retain is None and c.retain_prompts == "safe"),
             "--lam-retain and --retain-prompts only apply with --keep noise+retain",
+        ),
+        (c.lam_uncond >= 0, "--lam-uncond must be ≥ 0"),
+        (
+            c.lam_uncond == 0 or c.conditioning != "empty",
+            "--lam-uncond anchors the c∅ branch that --conditioning empty trains: use concept or mixed, or drop it",
         ),
         *_adversary_checks(c),
     ]

@@ -78,8 +78,8 @@ class LiveText:
         self.empty = family.tokenize([""]).to(device)
         self.retain = family.tokenize(retain_prompt_list(pairs, cfg) or [""]).to(device)
 
-    def rows(self, encoder, acc, use_concept, idx, retain_idx, adversary) -> torch.Tensor:
-        """Conditioning laid out as the batched forward's rows: [c ; c ; c∅ (; c_r) (; c_adv ; c_adv)]."""
+    def rows(self, encoder, acc, use_concept, idx, retain_idx, adversary, anchor: bool) -> torch.Tensor:
+        """Conditioning laid out as the batched forward's rows: [c ; c ; c∅ (; c_r) (; c_adv ; c_adv) (; c∅ ; c∅)]."""
         b = idx.shape[0]
         cond = torch.where(use_concept[:, None], self.unsafe[idx], self.empty.expand(b, -1))
         ids = [cond, self.empty]
@@ -91,7 +91,7 @@ class LiveText:
             emb = self.family.encode_ids(torch.cat(ids), encoder=encoder)
         cond, empty, rest = emb[:b], emb[b : b + 1].expand(b, -1, -1), emb[b + 1 :]
         retain, adv = (rest[:b], rest[b:]) if retain_idx is not None else (rest[:0], rest)
-        return torch.cat([cond, cond, empty, retain, adv, adv])
+        return torch.cat([cond, cond, empty, retain, adv, adv] + [empty, empty] * anchor)
 
 
 def preference_range(cfg: TrainConfig, family, pairs: PairSet) -> tuple[int, int]:
@@ -135,7 +135,9 @@ class DuoMethod:
         if cfg.adversarial != "none":
             c = self.cache
             self.adversary = Adversary(cfg, family, pairs, c.mean[:, 0], c.std[:, 0], device)
-            self.metrics = (*DuoMethod.metrics, "adv_pref", "adv_loss")
+            self.metrics = (*self.metrics, "adv_pref", "adv_loss")
+        if cfg.lam_uncond > 0:
+            self.metrics = (*self.metrics, "uncond")
 
     @property
     def needs_text_encoder(self) -> bool:
@@ -186,6 +188,8 @@ class DuoMethod:
         n_rows = len(latents) * b  # the rows duo_loss reads; adversarial rows follow them
         if self.adversary is not None:  # the same x⁻_t, x⁺_t under the inner attack's prompt
             latents, ts = latents + latents[:2], ts + ts[:2]
+        if self.cfg.lam_uncond > 0:  # and under c∅, for the anchor
+            latents, ts = latents + latents[:2], ts + ts[:2]
         latents, ts = torch.cat(latents), torch.cat(ts)
         embs = self._cached_rows(d, idx, retain_idx)
         target = torch.cat(
@@ -194,7 +198,7 @@ class DuoMethod:
         if self.live is None:  # LoRA on the UNet: one conditioning, the UNet with and without its adapters
             reference, policy = _reference_and_policy(fam, module, acc, latents, ts, embs)
         else:  # LoRA on the text encoder: one frozen UNet, conditioned by the original and the trained encoder
-            live = self.live.rows(module, acc, d.use_concept, idx, retain_idx, self.adversary)
+            live = self.live.rows(module, acc, d.use_concept, idx, retain_idx, self.adversary, self.cfg.lam_uncond > 0)
             reference, policy = _reference_and_policy(fam, fam.unet, acc, latents, ts, embs, policy_embs=live)
         return self._loss_parts(policy, reference, target, n_rows, b)
 
@@ -208,6 +212,8 @@ class DuoMethod:
             embs.append(c.emb_retain[retain_idx])
         if self.adversary is not None:
             embs += [self.adversary.emb[idx]] * 2
+        if self.cfg.lam_uncond > 0:
+            embs += [empty, empty]
         return torch.cat(embs)
 
     def _loss_parts(self, policy, reference, target, n_rows: int, b: int) -> dict[str, torch.Tensor]:
@@ -216,10 +222,14 @@ class DuoMethod:
         parts = duo_loss(policy[:n_rows], reference[:n_rows], target, b, cfg.beta, cfg.resolved_lam, lam_retain)
         out = {name: getattr(parts, name) for name in DuoMethod.metrics}
         if self.adversary is not None:
-            lose, win = preference_deltas(policy[n_rows:], reference[n_rows:], target)
+            rows = slice(n_rows, n_rows + 2 * b)
+            lose, win = preference_deltas(policy[rows], reference[rows], target)
             out["adv_pref"] = preference_loss(win, lose, cfg.beta).mean()
-            out["loss"] = parts.loss + cfg.adv_weight * out["adv_pref"]
+            out["loss"] = out["loss"] + cfg.adv_weight * out["adv_pref"]
             out["adv_loss"] = self.adversary.last_loss.to(parts.loss.device)
+        if cfg.lam_uncond > 0:  # the last 2b rows: x⁻_t, x⁺_t under c∅
+            out["uncond"] = per_sample_mse(policy[-2 * b :], reference[-2 * b :]).mean()
+            out["loss"] = out["loss"] + cfg.lam_uncond * out["uncond"]
         return out
 
 
