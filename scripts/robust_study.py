@@ -1,13 +1,15 @@
 """Robust DUO in the Shapes world: which lever keeps red out under Concept Inversion and soft prompts.
 
     python scripts/robust_study.py screen --pairs runs/study/pairs --seeds 0            # one seed, every variant
-    python scripts/robust_study.py final --pairs runs/study/pairs --seeds 0 1 2 --variants DUO "DUO-adv ci"
+    python scripts/robust_study.py final --pairs runs/demo/pairs --seeds 0 1 2 \
+        --variants DUO "DUO-adv soft anchored" AdvUnlearn
 
 Each variant is a `duo train` flag set on top of the shapes-red preset, trained and attacked as a point of
 `duo.compare` (out/{stage}/{variant}/seed{s}/: lora/, attacks/, eval/), so every point resumes and the table
 (compare.md: mean ± sd over seeds of DSR per attack, PP, FID) is the comparison machinery's own. Targets are
 the concept's held-out prompts. The screen runs the cheap attacks that break plain DUO (prompts, Concept
-Inversion, soft-prompt); the final stage adds UnlearnDiffAtk and Ring-A-Bell. Training wall time per point is
+Inversion, soft-prompt); the final stage runs make compare's attacks (with UnlearnDiffAtk and Ring-A-Bell, and
+plain prompts on the training targets) plus soft-prompt, on make compare's pairs. Training wall time per point is
 in each lora/metrics.jsonl (`seconds` per step) and summarised in timing.json.
 """
 
@@ -18,6 +20,8 @@ import json
 from pathlib import Path
 
 import torch
+
+from duo.shapes.world import ADVUNLEARN
 
 # variant → flags over the shapes-red preset (src/duo/concepts/shapes-red.yaml `train:`)
 CI = {"adversarial": "concept-inversion"}
@@ -41,9 +45,11 @@ VARIANTS = {
     "DUO-adv soft anchored": {**SOFT, "lam_uncond": 1e4},
     "DUO-adv soft anchored 1e3": {**SOFT, "lam_uncond": 1e3},
     "DUO-adv ud anchored": {"adversarial": "unlearndiff", "adv_vectors": 5, "lam_uncond": 1e4},
+    "AdvUnlearn": ADVUNLEARN,  # the robust anchor to beat: the compare row's settings
 }
 ATTACKS = {
     "screen": ["prompts", "concept-inversion", "soft-prompt"],
+    # the comparison's attacks (make compare) plus soft-prompt
     "final": ["prompts", "ring-a-bell", "concept-inversion", "unlearndiff", "soft-prompt"],
 }
 
@@ -62,7 +68,10 @@ def main() -> None:
     from duo.compare import Method, PointConfig, compare
 
     methods = [Method(v, {**VARIANTS[v]}, folder=slug(v)) for v in args.variants]
-    point = PointConfig("shapes", "shapes-red", ATTACKS[args.stage], n_prompts=8, images_per_prompt=2)
+    training = ("prompts",) if args.stage == "final" else ()  # as make compare: also the prompts it trained on
+    point = PointConfig(
+        "shapes", "shapes-red", ATTACKS[args.stage], n_prompts=8, images_per_prompt=2, training_attacks=training
+    )
     out = Path(args.out) / args.stage
     compare("shapes", args.pairs, out, methods, args.seeds, point, title=f"robust DUO: {args.stage}")
     timing = {m.label: {s: train_seconds(out / m.slug / f"seed{s}" / "lora") for s in args.seeds} for m in methods}
