@@ -176,3 +176,16 @@ def test_the_unconditional_anchor_holds_the_empty_branch(tiny_model, pairs_dir, 
 def test_bad_adversary_flags_are_refused_before_loading(tmp_path, flags, message):
     with pytest.raises(UserError, match=message):
         TrainConfig(model="nowhere", data="nowhere", out=str(tmp_path / "x"), **flags).validate()
+
+
+def test_a_concept_file_sets_the_adversary_and_an_explicit_none_turns_it_off(tmp_path):
+    from duo.train.config import config_with_concept_defaults
+
+    section = {"adversarial": "soft-prompt", "adv_vectors": 5, "adv_every": 20, "lam_uncond": 1e4}
+    section["conditioning"] = "concept"
+    base = {"model": "m", "data": "d", "out": str(tmp_path / "x")}
+    cfg = config_with_concept_defaults(base, section)
+    assert (cfg.adversarial, cfg.adv_vectors, cfg.adv_every, cfg.lam_uncond) == ("soft-prompt", 5, 20, 1e4)
+    plain = config_with_concept_defaults({**base, "adversarial": "none"}, section)
+    plain.validate()  # no "--adv-vectors only apply with --adversarial": the section's knobs went with it
+    assert (plain.adversarial, plain.adv_vectors, plain.adv_every, plain.lam_uncond) == ("none", 3, 10, 1e4)

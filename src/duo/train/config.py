@@ -379,4 +379,6 @@ def config_with_concept_defaults(explicit: dict, concept_train: dict) -> TrainCo
     own = concept_train.get("lora_on", "unet")
     if explicit.get("lora_on", own) != own:  # its targets name modules of the placement it was written for
         concept_train = {k: v for k, v in concept_train.items() if k != "targets"}
+    if explicit.get("adversarial") == "none":  # the inner attack's knobs go with it
+        concept_train = {k: v for k, v in concept_train.items() if not k.startswith("adv")}
     return TrainConfig(**{**concept_train, **explicit})

@@ -1,0 +1,39 @@
+"""Robust DUO on a reduced Shapes run: adversarial training (soft-prompt inner attack, c∅ anchored) keeps red out
+under Concept Inversion where plain DUO, trained on the same pairs with the same seed, lets it back."""
+
+import pytest
+import torch
+
+from duo.attacks import run_attack
+from duo.attacks.base import AttackConfig
+from duo.train.api import resolve_config, train
+
+# The setting docs/robust_duo.md chose, over the shapes-red preset; fewer pairs and steps than the study.
+ROBUST = {"adversarial": "soft-prompt", "adv_vectors": 5, "lam_uncond": 1e4}
+STEPS, PAIRS = 250, 24
+
+
+@pytest.fixture(scope="module")
+def reduced_pairs(tmp_path_factory):
+    from duo.data.curate import CurateConfig, curate
+
+    out = tmp_path_factory.mktemp("robust") / "pairs"
+    curate(CurateConfig(model="shapes", concept="shapes-red", out=str(out), pairs=PAIRS, batch_size=PAIRS))
+    return str(out)
+
+
+def _concept_inversion_dsr(lora, out) -> float:
+    cfg = AttackConfig(
+        out=str(out), lora=[str(lora)], n_prompts=4, images_per_prompt=2, threads=torch.get_num_threads()
+    )
+    return run_attack("concept-inversion", cfg, train_steps=200)["dsr"]["rate"]
+
+
+def test_adversarial_training_raises_dsr_under_concept_inversion(reduced_pairs, tmp_path):
+    loras = {
+        name: train(resolve_config(model="shapes", data=reduced_pairs, out=str(tmp_path / name), steps=STEPS, **flags))
+        for name, flags in (("plain", {}), ("robust", ROBUST))
+    }
+    dsr = {name: _concept_inversion_dsr(lora, tmp_path / f"ci-{name}") for name, lora in loras.items()}
+    print(dsr)
+    assert dsr["robust"] >= dsr["plain"] + 0.375, dsr  # 3 of 8 images more
