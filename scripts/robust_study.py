@@ -57,7 +57,8 @@ ATTACKS = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("stage", choices=list(ATTACKS))
-    parser.add_argument("--pairs", required=True, help="shapes-red pairs folder")
+    parser.add_argument("--concept", default="shapes-red", choices=["shapes-red", "shapes-circle"])
+    parser.add_argument("--pairs", required=True, help="the concept's pairs folder (duo curate)")
     parser.add_argument("--out", default="runs/robust")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -70,10 +71,10 @@ def main() -> None:
     methods = [Method(v, {**VARIANTS[v]}, folder=slug(v)) for v in args.variants]
     training = ("prompts",) if args.stage == "final" else ()  # as make compare: also the prompts it trained on
     point = PointConfig(
-        "shapes", "shapes-red", ATTACKS[args.stage], n_prompts=8, images_per_prompt=2, training_attacks=training
+        "shapes", args.concept, ATTACKS[args.stage], n_prompts=8, images_per_prompt=2, training_attacks=training
     )
     out = Path(args.out) / args.stage
-    compare("shapes", args.pairs, out, methods, args.seeds, point, title=f"robust DUO: {args.stage}")
+    compare("shapes", args.pairs, out, methods, args.seeds, point, title=f"robust DUO: {args.concept}, {args.stage}")
     timing = {m.label: {s: train_seconds(out / m.slug / f"seed{s}" / "lora") for s in args.seeds} for m in methods}
     (out / "timing.json").write_text(json.dumps(timing, indent=2))
     print((out / "compare.md").read_text())
