@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from duo.shapes.world import ADVUNLEARN
+from duo.shapes.world import ADVUNLEARN, DUO_ADV
 
 # variant → flags over the shapes-red preset (src/duo/concepts/shapes-red.yaml `train:`)
 CI = {"adversarial": "concept-inversion"}
@@ -42,7 +42,7 @@ VARIANTS = {
     # classifier-free guidance turns into more red: docs/robust_duo.md)
     "DUO anchored": {"lam_uncond": 1e4},
     "DUO-adv ci anchored": {**CI, "lam_uncond": 1e4},
-    "DUO-adv soft anchored": {**SOFT, "lam_uncond": 1e4},
+    "DUO-adv soft anchored": DUO_ADV,  # the finalist, make compare's DUO-adv row
     "DUO-adv soft anchored 1e3": {**SOFT, "lam_uncond": 1e3},
     "DUO-adv ud anchored": {"adversarial": "unlearndiff", "adv_vectors": 5, "lam_uncond": 1e4},
     "AdvUnlearn": ADVUNLEARN,  # the robust anchor to beat: the compare row's settings

@@ -61,8 +61,8 @@ class DemoConfig:
     compare: bool = field(
         default=False,
         metadata={
-            "help": "instead of DUO alone: DUO (β 25, 50, 100, 500), ESD-x (two lr), ESD-u, UCE, AdvUnlearn, "
-            "negative prompt, SLD-Max and the original under the --attacks, each for every --seeds, into "
+            "help": "instead of DUO alone: DUO (β 25, 50, 100, 500), ESD-x (two lr), ESD-u, UCE, DUO-adv, "
+            "AdvUnlearn, negative prompt, SLD-Max and the original under the --attacks, each for every --seeds, into "
             "OUT/compare (Shapes only; 4-8 min a point on one thread)"
         },
     )

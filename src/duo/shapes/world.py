@@ -58,6 +58,9 @@ ADVUNLEARN = {
     "attack_warmup": 300,
     "attack_every": 2,
 }
+# DUO-adv: the robust study's finalist (docs/robust_duo.md) — a 5-vector soft-prompt adversary against the LoRA
+# being trained, and the unconditional anchor that stops guidance from bringing red back through c∅.
+DUO_ADV = {"adversarial": "soft-prompt", "adv_vectors": 5, "lam_uncond": 1e4}
 METHODS = (
     {"label": "DUO β=25", "train": {"beta": 25.0}},
     {"label": "DUO β=50", "train": {"beta": 50.0}},
@@ -67,6 +70,7 @@ METHODS = (
     {"label": "ESD-x lr 3e-4", "train": {"method": "esd-x", "esd_prompts": "unsafe", "lr": 3e-4, "steps": 500}},
     {"label": "ESD-u", "train": {"method": "esd-u", "esd_prompts": "unsafe", "lr": 1e-3, "steps": 500}},
     {"label": "UCE", "train": {"method": "uce", "uce_erase": "prompts"}},
+    {"label": "DUO-adv", "train": DUO_ADV},
     {"label": "AdvUnlearn", "train": ADVUNLEARN},
     {"label": "negative prompt", "guard": "negprompt"},
     {"label": "SLD-Max", "guard": "sld-max"},

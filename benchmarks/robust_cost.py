@@ -1,0 +1,63 @@
+"""Benchmark: the training cost of DUO-adv (robust DUO) against plain DUO, side by side on one machine.
+
+    .venv/bin/python benchmarks/robust_cost.py --pairs runs/demo/pairs                 # preset steps, 2 rounds
+    .venv/bin/python benchmarks/robust_cost.py --pairs runs/demo/pairs --steps 100     # quicker
+
+Both variants are the whole `duo train` command on the same Shapes pairs, seed and thread count: plain DUO
+is the pairs' concept preset (shapes-red), DUO-adv the preset plus make compare's DUO-adv flags
+(`duo.shapes.world.DUO_ADV`: the soft-prompt inner attack and the unconditional anchor), so start-up,
+encoding caches and checkpointing are in both. Rounds alternate the order (A B, B A, ...) because these
+machines drift by ±20 % within minutes; one runs while the other is idle. Reported: each variant's median
+wall seconds and the median of the per-round ratios DUO-adv / DUO (the issue's target: ≤ 3×).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from duo.shapes.world import DUO_ADV
+
+
+def flags(settings: dict) -> list[str]:
+    return [a for k, v in settings.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+
+
+def run(pairs: str, out: Path, extra: list[str], steps: int | None, threads: int) -> float:
+    cmd = [sys.executable, "-m", "duo", "train", "--model", "shapes", "--data", pairs]
+    cmd += ["--out", str(out), "--threads", str(threads), *extra] + (["--steps", str(steps)] if steps else [])
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--pairs", required=True, help="a Shapes pairs folder (`duo curate` / make demo)")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=None, help="override the preset's steps (both variants)")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    variants = {"DUO": [], "DUO-adv": flags(DUO_ADV)}
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            order = list(variants) if r % 2 == 0 else list(variants)[::-1]
+            for name in order:
+                out = Path(tmp) / f"{name}-{r}"
+                seconds[name].append(run(args.pairs, out, variants[name], args.steps, args.threads))
+                print(f"round {r} {name}: {seconds[name][-1]:.1f} s", flush=True)
+    ratios = [a / b for a, b in zip(seconds["DUO-adv"], seconds["DUO"], strict=True)]
+    for name, values in seconds.items():
+        print(f"{name:8s} median {statistics.median(values):.1f} s over {len(values)} runs")
+    each = ", ".join(f"{x:.2f}" for x in ratios)
+    print(f"DUO-adv / DUO: median per-round ratio {statistics.median(ratios):.2f} ({each})")
+
+
+if __name__ == "__main__":
+    main()
