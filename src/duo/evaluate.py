@@ -276,9 +276,7 @@ def attack_originals(images: _Images, cell: dict) -> list[dict]:
     family = images._load()
     learned = Path(cell["results"]).parent / FOLDER / EMBEDS
     if learned.is_file():  # the prompts carry the learned token: install it (the LoRAs stay off below)
-        from safetensors.torch import load_file
-
-        install_token(family, cell["settings"]["token"], next(iter(load_file(str(learned)).values())), learned)
+        install_token(family, cell["settings"]["token"], None, learned)
     for i, ex in enumerate(examples):
         rel = f"images/attack-{cell['hash'][:12]}/original/{i:04d}.png"  # keyed by content: never stale
         if not (images.out / rel).is_file():

@@ -14,7 +14,6 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from tqdm.auto import tqdm
 
@@ -43,7 +42,7 @@ def prepare(ctx, s: Settings) -> dict:
     folder = ctx.out / FOLDER
     path = folder / EMBEDS
     if path.is_file():
-        vectors = next(iter(load_file(str(path)).values()))
+        vectors = None  # the family reads its own file format
         provenance = _read_json(folder / "provenance.json") | {"resumed": True}
     else:
         vectors, provenance = _learn(ctx, s, folder)
@@ -70,7 +69,7 @@ def _validate(s: Settings) -> None:
             raise UserError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(s, key)}")
 
 
-def install_token(family: ModelFamily, token: str, vectors: torch.Tensor, path) -> None:
+def install_token(family: ModelFamily, token: str, vectors: torch.Tensor | None, path) -> None:
     """Make the pipeline generate with the token; a second prepare in the same process overwrites the rows."""
     family.load_textual_inversion(path, token, vectors)
 

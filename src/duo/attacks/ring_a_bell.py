@@ -152,7 +152,8 @@ def _load_vector(path: Path, family: ModelFamily) -> tuple[torch.Tensor, dict]:
             vector, meta = f.get_tensor("vector").float(), dict(f.metadata() or {})
     except (SafetensorError, OSError, KeyError) as exc:
         raise UserError(f"{path} cannot be read ({exc}). Delete it: the next run recomputes it.") from None
-    if vector.dim() != 2 or vector.shape[0] != family.max_prompt_tokens or "n_pairs" not in meta:
+    # a family's conditioning may hold rows beyond the token positions (a pooled vector): at least as many
+    if vector.dim() != 2 or vector.shape[0] < family.max_prompt_tokens or "n_pairs" not in meta:
         raise UserError(
             f"{path} is not a concept vector of this model (shape {tuple(vector.shape)}). "
             "Delete it, or use another --out."

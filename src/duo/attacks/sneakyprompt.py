@@ -118,7 +118,7 @@ def _pieces(ctx, s: Settings) -> list[str]:
 def pooled_states(family: ModelFamily, prompts: list[str]) -> torch.Tensor:
     """Mean text-encoder state over each prompt's positions (BOS to EOS): its embedding for similarity."""
     ids = family.tokenize(prompts)
-    states = family.encode_ids(ids).float().cpu()
+    states = family.encode_ids(ids).float().cpu()[:, : ids.shape[1]]  # rows past the tokens are not per-token
     lengths = torch.tensor([min(family.token_count(p), ids.shape[1]) for p in prompts])
     mask = (torch.arange(ids.shape[1])[None] < lengths[:, None]).float().unsqueeze(-1)
     return (states * mask).sum(1) / mask.sum(1)

@@ -36,7 +36,6 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from duo.attacks.base import Found
@@ -45,7 +44,7 @@ from duo.attacks.settings.soft_prompt import BUDGETS, NAME, Settings  # noqa: F4
 from duo.attacks.tokens import random_word_ids, real_word_ids
 from duo.data.files import atomic_write_text
 from duo.errors import UserError
-from duo.models.token_slots import TokenSlots, embedding_table, word_vectors
+from duo.models.token_slots import TokenSlots, token_weight, word_vectors
 from duo.seeds import derive_seed
 
 if TYPE_CHECKING:
@@ -155,8 +154,7 @@ def _install_saved(ctx, s: Settings, target) -> dict | None:
         return None
     if file_sha256(path) != record["details"]["vectors_sha256"]:
         raise UserError(f"{path} does not match the sha256 in {record_path}; delete both to optimise it again.")
-    tensors = load_file(str(path))
-    ctx.family.load_textual_inversion(path, record["token"], tensors[record["token"]])
+    ctx.family.load_textual_inversion(path, record["token"])
     return record
 
 
@@ -164,7 +162,7 @@ def _install_saved(ctx, s: Settings, target) -> dict | None:
 @torch.no_grad()
 def vector_stats(family: ModelFamily, vectors: torch.Tensor) -> dict:
     """How far the vectors went from real tokens: their norms, and the nearest real token row (L2) of each."""
-    weight = embedding_table(family).weight.detach().float()
+    weight = token_weight(family).detach().float()
     real = family.regular_token_ids().to(weight.device)
     rows = weight[real]
     v = vectors.detach().float().to(weight.device)
@@ -199,7 +197,7 @@ class _Run:
         family: ModelFamily = ctx.family
         self.family, self.s, self.guidance = family, s, target.guidance
         self.generator = torch.Generator().manual_seed(derive_seed(ctx.seed, FOLDER, target.id))
-        self.weight = embedding_table(family).weight
+        self.weight = token_weight(family)
         self.prompt_ids = family.text_token_ids(seen) if s.train_prompt else []
         self.slots = TokenSlots(family, s.k + len(self.prompt_ids))
         text = self.slots.text if s.train_prompt else f"{self.slots.text} {seen}"

@@ -17,7 +17,7 @@ import torch
 
 from duo.attacks.denoising import denoising_loss
 from duo.attacks.tokens import random_word_ids
-from duo.models.token_slots import TokenSlots, embedding_table, project, word_vectors
+from duo.models.token_slots import TokenSlots, project, token_weight, word_vectors
 
 if TYPE_CHECKING:
     from duo.models.protocol import ModelFamily
@@ -53,7 +53,7 @@ class PrefixProblem:
     def __init__(self, ctx, s, target, generator: torch.Generator):
         family: ModelFamily = ctx.family
         self.family, self.s, self.guidance, self.generator = family, s, target.guidance, generator
-        self.weight = embedding_table(family).weight
+        self.weight = token_weight(family)
         self.slots = TokenSlots(family, s.k)
         prompts, negatives = ctx.guard.apply([target.prompt])
         # negprompt and wordfilter are followed exactly; SLD's guidance is not differentiated through

@@ -13,8 +13,12 @@ if TYPE_CHECKING:
 FAMILIES = {
     "StableDiffusionPipeline": "duo.models.sd:StableDiffusionFamily",
     "StableDiffusionImg2ImgPipeline": "duo.models.sd:StableDiffusionFamily",
+    "StableDiffusionXLPipeline": "duo.models.sdxl:StableDiffusionXLFamily",
+    "StableDiffusionXLImg2ImgPipeline": "duo.models.sdxl:StableDiffusionXLFamily",
+    "StableDiffusion3Pipeline": "duo.models.sd3:StableDiffusion3Family",
+    "StableDiffusion3Img2ImgPipeline": "duo.models.sd3:StableDiffusion3Family",
 }
-PLANNED = {"StableDiffusionXLPipeline": "SDXL", "StableDiffusion3Pipeline": "SD3"}
+PLANNED = {"FluxPipeline": "FLUX"}
 
 
 def load_family(ref: str, dtype: str = "float32", device: str = "cpu", allow_pickle: bool = False) -> ModelFamily:

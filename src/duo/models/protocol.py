@@ -2,17 +2,18 @@
 
 Training, generation, baselines and attacks talk to a family only through these members; tokenizers, text
 encoders, schedulers and BPE conventions (such as CLIP's `</w>` end-of-word suffix) stay inside the adapter.
-`StableDiffusionFamily` (SD 1.x/2.x) is the one implementation today.
+`StableDiffusionFamily` (SD 1.x/2.x) and `StableDiffusionXLFamily` (SDXL) implement it.
 
-How a family with two text encoders (SDXL: CLIP ViT-L and OpenCLIP ViT-bigG) would satisfy the token API:
+How a family with two text encoders (SDXL: CLIP ViT-L and OpenCLIP ViT-bigG) satisfies the token API:
 its two CLIP tokenizers share one BPE vocabulary, so `vocabulary`, `tokenize`, `prompt_ids`, `whole_word_ids`
 and `text_token_ids` keep one id space (ids in the first tokenizer's layout; `encode_ids` re-pads them for
 the second, whose pad token differs, and joins both encoders' states as SDXL's UNet expects).
 `add_placeholder_tokens` adds each name to both tokenizers, so it gets the same id in both, and grows both
 tables; `token_embeddings` returns the two tables (768 and 1280 wide), and an attack that learns token
-vectors learns one per table. Its textual-inversion files hold one tensor per encoder. A family whose
-encoders do not share a vocabulary (SD3, FLUX: CLIP + T5) would search prompts in its CLIP vocabulary and
-re-tokenize the decoded text for T5 inside `encode_ids`.
+vectors learns one per table (`duo.models.token_slots`: the tables' rows side by side, (n, 768 + 1280)). Its
+textual-inversion files hold one tensor per encoder. A family whose encoders do not share a vocabulary (SD3,
+FLUX: CLIP + T5) would search prompts in its CLIP vocabulary and re-tokenize the decoded text for T5 inside
+`encode_ids`.
 """
 
 from __future__ import annotations
@@ -220,10 +221,10 @@ class ModelFamily(Protocol):
         ...
 
     def save_textual_inversion(self, path: Path, token: str, vectors: torch.Tensor) -> None:
-        """Write (n, dim) vectors for `token` in the format the family's own textual-inversion loader reads."""
+        """Write (n, Σ table widths) vectors for `token` in the format the family's textual-inversion loader reads."""
         ...
 
     def load_textual_inversion(self, path: Path, token: str, vectors: torch.Tensor | None = None) -> None:
-        """Make prompts with `token` use the file's vectors (`vectors`: its contents, if already in memory); a
-        token loaded before has its rows overwritten; the global RNG is left as it was."""
+        """Make prompts with `token` use the file's vectors (`vectors`: what `save_textual_inversion` wrote, if
+        already in memory); a token loaded before has its rows overwritten; the global RNG is left as it was."""
         ...

@@ -74,22 +74,20 @@ class StableDiffusionFamily(StableDiffusionText):
     dtype: torch.dtype
 
     name = "sd"
+    title = "Stable Diffusion"
     pipeline_class_name = "StableDiffusionPipeline"
     default_lora_targets = SELF_ATTENTION
+    load_options = {"safety_checker": None, "requires_safety_checker": False}
 
     # ---- loading -------------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str, ref: str, dtype: str = "float32", device: str = "cpu", allow_pickle: bool = False):
-        from diffusers import StableDiffusionPipeline
+        import diffusers
 
         td = torch_dtype(dtype)
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(
-                path,
-                dtype=td,
-                safety_checker=None,
-                requires_safety_checker=False,
-                use_safetensors=None if allow_pickle else True,
+            pipe = getattr(diffusers, cls.pipeline_class_name).from_pretrained(
+                path, dtype=td, **cls.load_options, use_safetensors=None if allow_pickle else True
             )
         except (OSError, ValueError) as exc:
             hint = (
@@ -97,12 +95,13 @@ class StableDiffusionFamily(StableDiffusionText):
                 if allow_pickle
                 else " If the weights are pickled (.bin/.ckpt) and you trust them, pass --allow-pickle."
             )
-            raise UserError(f"could not load Stable Diffusion pipeline from '{ref}': {exc}.{hint}") from None
+            raise UserError(f"could not load {cls.title} pipeline from '{ref}': {exc}.{hint}") from None
         pipe.set_progress_bar_config(disable=True)
         pipe.to(device)
-        for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        family = cls(pipe=pipe, ref=ref, device=device, dtype=td)
+        for module in (pipe.unet, pipe.vae, *family.text_encoders):
             module.requires_grad_(False)
-        return cls(pipe=pipe, ref=ref, device=device, dtype=td)
+        return family
 
     @property
     def unet(self):
@@ -136,9 +135,9 @@ class StableDiffusionFamily(StableDiffusionText):
         return (mean + std * noise) * self.pipe.vae.config.scaling_factor
 
     def offload_encoders(self) -> None:
-        """Move the VAE and text encoder off the accelerator once their outputs are cached."""
-        self.pipe.vae.to("cpu")
-        self.pipe.text_encoder.to("cpu")
+        """Move the VAE and text encoders off the accelerator once their outputs are cached."""
+        for module in (self.pipe.vae, *self.text_encoders):
+            module.to("cpu")
 
     def _noise_scheduler(self):
         if not hasattr(self, "_ddpm"):
@@ -200,8 +199,12 @@ class StableDiffusionFamily(StableDiffusionText):
             if prompt_embeds is not None:
                 raise ValueError("Safe Latent Diffusion takes prompts, not prompt embeddings")
             return self._safe_text2image(prompts, negative_prompts, sampling, safe_guidance)
-        kwargs = {"prompt_embeds": prompt_embeds} if prompt_embeds is not None else {"prompt": prompts}
+        kwargs = self._conditioning(prompts, prompt_embeds)
         return self.pipe(**kwargs, negative_prompt=negative_prompts, **sampling).images
+
+    def _conditioning(self, prompts: list[str], prompt_embeds: torch.Tensor | None) -> dict:
+        """The pipeline's arguments for the prompts, or for conditioning that `encode_ids` returned."""
+        return {"prompt_embeds": prompt_embeds} if prompt_embeds is not None else {"prompt": prompts}
 
     def _safe_text2image(self, prompts, negative_prompts, sampling: dict, safe_guidance: dict):
         """SLD on the same components: LoRAs on the UNet and textual-inversion tokens apply here too."""
@@ -244,10 +247,8 @@ class StableDiffusionFamily(StableDiffusionText):
         guidance: float,
         negative_prompts: list[str] | None = None,
     ) -> list[Image.Image]:
-        from diffusers import StableDiffusionImg2ImgPipeline
-
         if not hasattr(self, "_img2img"):
-            self._img2img = StableDiffusionImg2ImgPipeline(**self.pipe.components, requires_safety_checker=False)
+            self._img2img = self._img2img_pipeline()
             self._img2img.set_progress_bar_config(disable=True)
         out = self._img2img(
             prompt=prompts,
@@ -260,10 +261,15 @@ class StableDiffusionFamily(StableDiffusionText):
         )
         return out.images
 
+    def _img2img_pipeline(self):
+        """SDEdit on the loaded components, so LoRAs and learned tokens apply."""
+        from diffusers import StableDiffusionImg2ImgPipeline
+
+        return StableDiffusionImg2ImgPipeline(**self.pipe.components, requires_safety_checker=False)
+
     # ---- LoRA files --------------------------------------------------------------------------
     def save_lora(self, folder: Path, state: dict[str, torch.Tensor]) -> None:
         """Diffusers LoRA format (`unet.` and `text_encoder.` keys): loads with `pipe.load_lora_weights(folder)`."""
-        from diffusers import StableDiffusionPipeline
         from diffusers.utils import convert_state_dict_to_diffusers
 
         unet, text = self._lora_components(state)
@@ -276,7 +282,7 @@ class StableDiffusionFamily(StableDiffusionText):
             layers["unet_lora_layers"] = unet
         if text:
             layers["text_encoder_lora_layers"] = text  # peft names: what diffusers writes for a text encoder
-        StableDiffusionPipeline.save_lora_weights(save_directory=str(folder), safe_serialization=True, **layers)
+        type(self.pipe).save_lora_weights(save_directory=str(folder), safe_serialization=True, **layers)
 
     def _lora_components(self, state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
         """Split a LoRA state between the UNet and the text encoder by module name, with B scaled by α/r.

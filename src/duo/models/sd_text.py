@@ -78,17 +78,7 @@ class StableDiffusionText:
         return ids
 
     def add_placeholder_tokens(self, names: list[str]) -> list[int]:
-        tokenizer = self.pipe.tokenizer
-        tokenizer.add_tokens([n for n in names if n not in tokenizer.get_vocab()])
-        ids = tokenizer.convert_tokens_to_ids(names)
-        if max(ids) >= self.token_embeddings[0].num_embeddings:
-            encoder = self.pipe.text_encoder
-            # New rows are never read (attacks replace them); fork the RNG so their init leaves seeds alone.
-            with torch.random.fork_rng(devices=[]):
-                encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-            # only the grown table is frozen: a LoRA on the encoder (AdvUnlearn) keeps training
-            encoder.get_input_embeddings().requires_grad_(False)
-        return ids
+        return add_tokens(self.pipe.tokenizer, self.pipe.text_encoder, names)
 
     def whole_word_ids(self, exclude: Iterable[str] = (), min_length: int = 1) -> torch.Tensor:
         tokenizer = self.pipe.tokenizer
@@ -125,6 +115,19 @@ class StableDiffusionText:
         weight = self.token_embeddings[0].weight
         with torch.no_grad():
             weight[[vocab[n] for n in names]] = vectors.to(weight.device, weight.dtype)
+
+
+def add_tokens(tokenizer, encoder, names: list[str]) -> list[int]:
+    """Ids of `names` in `tokenizer`, added where missing, with `encoder`'s table grown to hold them."""
+    tokenizer.add_tokens([n for n in names if n not in tokenizer.get_vocab()])
+    ids = tokenizer.convert_tokens_to_ids(names)
+    if max(ids) >= encoder.get_input_embeddings().num_embeddings:
+        # New rows are never read (attacks replace them); fork the RNG so their init leaves seeds alone.
+        with torch.random.fork_rng(devices=[]):
+            encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        # only the grown table is frozen: a LoRA on the encoder (AdvUnlearn) keeps training
+        encoder.get_input_embeddings().requires_grad_(False)
+    return ids
 
 
 def _scan_whole_words(tokenizer, excluded: set[str], min_length: int) -> torch.Tensor:

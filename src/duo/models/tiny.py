@@ -67,11 +67,25 @@ TINY_VAE = {"block_out_channels": (8, 16, 32, 32), "layers_per_block": 1, "laten
 TINY_TEXT = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4}
 
 
+def random_vae(vae: dict, latent_size: int):
+    """A random AutoencoderKL of the given sizes for latents of `latent_size` pixels a side."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(vae["block_out_channels"]),
+        up_block_types=("UpDecoderBlock2D",) * len(vae["block_out_channels"]),
+        sample_size=latent_size * 2 ** (len(vae["block_out_channels"]) - 1),
+        **vae,
+    )
+
+
 def build_random_pipeline(
     folder: str | Path, unet: dict, vae: dict, text: dict, seed: int = 0, prediction_type: str = "epsilon"
 ) -> dict[str, int]:
     """Save a randomly initialised SD 1.x pipeline of the given sizes; returns parameter counts."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from duo.models.sd import assemble_pipeline
@@ -79,14 +93,7 @@ def build_random_pipeline(
     folder = Path(folder)
     torch.manual_seed(seed)
     unet_model = UNet2DConditionModel(**unet)
-    vae_model = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * len(vae["block_out_channels"]),
-        up_block_types=("UpDecoderBlock2D",) * len(vae["block_out_channels"]),
-        sample_size=unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1),
-        **vae,
-    )
+    vae_model = random_vae(vae, unet["sample_size"])
     tok_dir = folder / "_tok"
     write_tokenizer(tok_dir)
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77)

@@ -4,6 +4,10 @@ Placeholder tokens are added to the tokenizer once (and the embedding table grow
 `TokenSlots.hooked()` is active, a forward hook on the token embedding swaps their output rows for
 `slots.vectors`, so gradients reach those vectors and nothing else. The placeholders stay in the tokenizer
 afterwards (reused by the next user) but no prompt an attack returns contains them.
+
+A family with several text encoders (one id space, one table each) is handled the same way in a wider space:
+a token vector is its rows of every table side by side (`token_weight`), so an attack learns one vector per
+table, and each table's hook reads its own slice of the features.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ PLACEHOLDER = "<duo-slot-{}>"
 
 
 class TokenSlots:
-    """n placeholder tokens whose embeddings are `self.vectors` (n, dim) while `hooked()` is active."""
+    """n placeholder tokens whose embeddings are `self.vectors` (n, Σ table widths) while `hooked()` is active."""
 
     def __init__(self, family: ModelFamily, n: int):
         if n < 1:
@@ -39,30 +43,39 @@ class TokenSlots:
 
     @contextmanager
     def hooked(self):
-        embedding = embedding_table(self.family)
+        handles, start = [], 0
+        try:
+            for embedding in self.family.token_embeddings:
+                handles.append(embedding.register_forward_hook(self._swap_rows(embedding, start)))
+                start += embedding.embedding_dim
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _swap_rows(self, embedding: torch.nn.Embedding, start: int):
+        """The hook of one table: slot rows become features [start, start + width) of `self.vectors`."""
         lookup = torch.full((embedding.num_embeddings,), -1, dtype=torch.long, device=embedding.weight.device)
         lookup[torch.tensor(self.ids, device=lookup.device)] = torch.arange(len(self.ids), device=lookup.device)
+        end = start + embedding.embedding_dim
 
         def swap_rows(module, args, output):
             slot = lookup[args[0]]
-            rows = self.vectors.to(output.device, output.dtype)[slot.clamp(min=0)]
+            rows = self.vectors[:, start:end].to(output.device, output.dtype)[slot.clamp(min=0)]
             return torch.where((slot >= 0).unsqueeze(-1), rows, output)
 
-        handle = embedding.register_forward_hook(swap_rows)
-        try:
-            yield self
-        finally:
-            handle.remove()
+        return swap_rows
 
 
-def embedding_table(family: ModelFamily) -> torch.nn.Embedding:
-    """The table token vectors are learned in; with several encoders each would need its own vector (not yet)."""
+def token_weight(family: ModelFamily) -> torch.Tensor:
+    """(vocabulary, Σ widths): every table's rows side by side, the space token vectors are learned in; with one
+    text encoder, its table's weight itself."""
     tables = family.token_embeddings
-    if len(tables) != 1:
-        raise UserError(
-            f"'{family.ref}' has {len(tables)} text encoders; the white-box attacks support models with one so far."
-        )
-    return tables[0]
+    if len(tables) == 1:
+        return tables[0].weight
+    if len({t.num_embeddings for t in tables}) != 1:
+        raise ValueError(f"the token tables of '{family.ref}' differ in size: they do not share one id space")
+    return torch.cat([t.weight for t in tables], dim=-1)
 
 
 def word_vectors(family: ModelFamily, word: str, n: int) -> torch.Tensor:
@@ -70,14 +83,14 @@ def word_vectors(family: ModelFamily, word: str, n: int) -> torch.Tensor:
     ids = family.text_token_ids(word)
     if not ids:
         raise UserError(f"init word '{word}' gives no tokens; pass a word such as 'a' or 'object'.")
-    weight = embedding_table(family).weight.detach()
+    weight = token_weight(family).detach()
     return weight[ids].float().mean(0, keepdim=True).repeat(n, 1).clone()
 
 
 def random_vocabulary_vectors(family: ModelFamily, n: int, generator: torch.Generator, ids=None) -> torch.Tensor:
     """(n, dim) input embeddings of n tokens drawn uniformly from `ids` (default: the regular vocabulary)."""
     ids = family.regular_token_ids() if ids is None else ids
-    weight = embedding_table(family).weight.detach()
+    weight = token_weight(family).detach()
     pick = ids[torch.randint(len(ids), (n,), generator=generator)]
     return weight[pick.to(weight.device)].float().clone()
 

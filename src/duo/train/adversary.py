@@ -38,7 +38,7 @@ import torch
 from duo.data.concepts import token_prompt
 from duo.data.pairs import PairSet
 from duo.models.lora import adapters_disabled
-from duo.models.token_slots import TokenSlots, embedding_table, project, random_vocabulary_vectors, word_vectors
+from duo.models.token_slots import TokenSlots, project, random_vocabulary_vectors, token_weight, word_vectors
 from duo.objectives import per_sample_mse
 
 INIT_WORD = "a"  # not a concept word: the vectors must find the concept, not start from it
@@ -98,12 +98,12 @@ class Adversary:
         vectors' gradient (straight-through)."""
         if not self.discrete:
             return self.vectors
-        _, rows = project(self.vectors, self.candidates, embedding_table(self.family).weight)
+        _, rows = project(self.vectors, self.candidates, token_weight(self.family))
         return self.vectors + (rows.to(self.vectors) - self.vectors).detach()
 
     def prefix_ids(self) -> list[int]:
         """The tokens of an unlearndiff prefix as it stands (for logs and tests)."""
-        return project(self.vectors, self.candidates, embedding_table(self.family).weight)[0].tolist()
+        return project(self.vectors, self.candidates, token_weight(self.family))[0].tolist()
 
     def _restart(self, g: torch.Generator) -> None:
         """Random vocabulary rows as the new start, and a new Adam: no memory of earlier rounds."""
