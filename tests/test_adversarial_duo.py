@@ -94,6 +94,9 @@ def test_the_adversary_changes_training_and_moves_only_its_vectors(tiny_model, p
     a, b = lora_weights(plain), lora_weights(adv)
     assert any(not torch.equal(a[k], b[k]) for k in a)
     assert all(m["adv_loss"] > 0 and m["adv_pref"] > 0 for m in metrics(adv))
+    # the model card says which LoRA was trained robustly, and how
+    assert "| adversary | concept-inversion: 3 vector(s), 2 steps" in (adv / "README.md").read_text()
+    assert "| adversary | none |" in (plain / "README.md").read_text()
 
 
 def test_fresh_rounds_restart_and_persistent_rounds_continue(tiny_model, pairs_dir, tmp_path, monkeypatch):

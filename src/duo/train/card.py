@@ -15,6 +15,15 @@ METHOD_NAMES = {
 }
 
 
+def _adversary(c) -> str:
+    if c.adversarial == "none":
+        return "none"
+    return (
+        f"{c.adversarial}: {c.adv_vectors} vector(s), {c.adv_steps} steps at lr {c.adv_lr} every {c.adv_every} "
+        f"({c.adv_init}), batch {c.adv_batch}, weight {c.adv_weight}"
+    )
+
+
 def write_model_card(out: Path, cfg, pairs) -> None:
     c = cfg
     common = [("base model", c.model), ("concept", pairs.concept.name + (f" / part {c.part}" if c.part else ""))]
@@ -36,6 +45,8 @@ def write_model_card(out: Path, cfg, pairs) -> None:
                 ("keep term", c.keep),
                 ("timesteps", c.timesteps),
                 ("LoRA on", "text encoder" if c.lora_on == "text-encoder" else "UNet"),
+                ("unconditional anchor λ_u", c.lam_uncond),
+                ("adversary", _adversary(c)),
             ]
         elif c.method == "advunlearn":
             specific += [("η", c.negative_guidance), ("retain weight", c.retain_weight)]
