@@ -74,10 +74,10 @@ def test_sd3_family_is_a_model_family_with_the_protocol_signatures(sd3):
     assert sd3.prediction_type == "flow" and sd3.num_train_timesteps == 1000 and sd3.native_resolution == 64
 
 
-def test_sd3_folders_load_as_sd3_and_flux_is_named_as_planned(sd3, tmp_path):
+def test_sd3_folders_load_as_sd3_and_unknown_pipelines_are_refused(sd3, tmp_path):
     assert sd3.unet is sd3.pipe.transformer and len(sd3.text_encoders) == 2  # no T5 in this folder
-    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
-    with pytest.raises(UserError, match="FLUX support is planned"):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
+    with pytest.raises(UserError, match="KandinskyPipeline; duo supports"):
         load_family(str(tmp_path))
 
 

@@ -17,8 +17,10 @@ FAMILIES = {
     "StableDiffusionXLImg2ImgPipeline": "duo.models.sdxl:StableDiffusionXLFamily",
     "StableDiffusion3Pipeline": "duo.models.sd3:StableDiffusion3Family",
     "StableDiffusion3Img2ImgPipeline": "duo.models.sd3:StableDiffusion3Family",
+    "FluxPipeline": "duo.models.flux:FluxFamily",
+    "FluxImg2ImgPipeline": "duo.models.flux:FluxFamily",
 }
-PLANNED = {"FluxPipeline": "FLUX"}
+PLANNED: dict[str, str] = {}
 
 
 def load_family(ref: str, dtype: str = "float32", device: str = "cpu", allow_pickle: bool = False) -> ModelFamily:

@@ -1,4 +1,4 @@
-"""Rectified flow (SD3, and FLUX later) behind the integer-timestep interface of `ModelFamily`.
+"""Rectified flow (SD3, FLUX) behind the integer-timestep interface of `ModelFamily`.
 
 Everything above the adapter speaks of integer timesteps t ∈ [0, N): larger t, more noise, as in DDPM. A flow
 family maps t to the noise level σ_t of its scheduler's (shifted) table read in ascending order, so that the
@@ -12,6 +12,7 @@ preference range [0, strength·N) is the low-noise side image-to-image visits an
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -24,27 +25,40 @@ def shifted_sigma(u: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * u / (1 + (shift - 1) * u)
 
 
+def dynamic_shift(config, image_tokens: int) -> float:
+    """The shift s of σ = s·u/(1 + (s − 1)·u) that diffusers' dynamic shifting applies to an image of
+    `image_tokens` packed latent tokens: μ grows linearly in the token count between the config's two anchors
+    (FluxPipeline's `calculate_shift`); the exponential time shift is then s = e^μ, the linear one s = μ."""
+    lo, hi = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+    base, top = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+    mu = base + (top - base) * (image_tokens - lo) / (hi - lo)
+    return math.exp(mu) if config.get("time_shift_type", "exponential") == "exponential" else mu
+
+
 @dataclass(frozen=True)
 class FlowSchedule:
-    """The σ table of a flow-matching scheduler without dynamic shifting, indexed by integer timesteps."""
+    """The σ table of a flow-matching scheduler (at one image size, if it shifts dynamically), by integer timestep."""
 
     num_train_timesteps: int
     shift: float = 1.0
 
     @classmethod
-    def from_scheduler_config(cls, config) -> FlowSchedule:
+    def from_scheduler_config(cls, config, image_tokens: int | None = None) -> FlowSchedule:
         """The table of a `FlowMatchEulerDiscreteScheduler` config; options that reshape it are refused, since
-        training on another table than sampling uses would move DUO's ranges without a word."""
-        # FLUX's dynamic shifting depends on the image size at sampling time: a later family passes that size.
-        reshaping = ("use_dynamic_shifting", "invert_sigmas", "shift_terminal", "use_karras_sigmas")
-        reshaping += ("use_exponential_sigmas", "use_beta_sigmas")
+        training on another table than sampling uses would move DUO's ranges without a word.
+
+        Dynamic shifting (FLUX.1-dev) picks the shift from the image's token count at sampling time; given the
+        `image_tokens` of the latents trained on, it is the fixed shift those latents are sampled with."""
+        reshaping = ("invert_sigmas", "shift_terminal", "use_karras_sigmas", "use_exponential_sigmas")
+        reshaping += ("use_beta_sigmas",) + (() if image_tokens else ("use_dynamic_shifting",))
         used = [key for key in reshaping if config.get(key)]
         if used:
             raise UserError(
-                f"the model's flow scheduler sets {', '.join(used)}; duo supports the fixed-shift schedule of "
-                "SD3/SD3.5 only. Use a scheduler config without these options."
+                f"the model's flow scheduler sets {', '.join(used)}; duo supports fixed-shift schedules and FLUX's "
+                "resolution-dependent shift only. Use a scheduler config without these options."
             )
-        return cls(int(config["num_train_timesteps"]), float(config.get("shift", 1.0)))
+        shift = dynamic_shift(config, image_tokens) if config.get("use_dynamic_shifting") else config.get("shift", 1.0)
+        return cls(int(config["num_train_timesteps"]), float(shift))
 
     @property
     def sigmas(self) -> torch.Tensor:

@@ -47,10 +47,13 @@ class StableDiffusion3Family(StableDiffusion3Text):
     device: str
     dtype: torch.dtype
 
+    pipeline_class_name = "StableDiffusion3Pipeline"
+    title = "Stable Diffusion 3"
+
     # ---- loading -------------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str, ref: str, dtype: str = "float32", device: str = "cpu", allow_pickle: bool = False):
-        from diffusers import StableDiffusion3Pipeline
+        import diffusers
 
         from duo.models.loading import read_model_index
 
@@ -58,19 +61,19 @@ class StableDiffusion3Family(StableDiffusion3Text):
         # a folder saved without T5 lists it as null, which from_pretrained refuses unless told so
         absent = {k: None for k, v in read_model_index(path).items() if isinstance(v, list) and v[0] is None}
         try:
-            pipe = StableDiffusion3Pipeline.from_pretrained(
+            pipe = getattr(diffusers, cls.pipeline_class_name).from_pretrained(
                 path, dtype=td, use_safetensors=None if allow_pickle else True, **absent
             )
         except (OSError, ValueError) as exc:
             hint = "" if allow_pickle else " If the weights are pickled (.bin) and you trust them, pass --allow-pickle."
-            raise UserError(f"could not load Stable Diffusion 3 pipeline from '{ref}': {exc}.{hint}") from None
-        FlowSchedule.from_scheduler_config(pipe.scheduler.config)  # refuse a schedule we cannot train on, now
+            raise UserError(f"could not load {cls.title} pipeline from '{ref}': {exc}.{hint}") from None
+        family = cls(pipe=pipe, ref=ref, device=device, dtype=td)
+        _ = family.schedule  # refuse a schedule we cannot train on, now
         pipe.set_progress_bar_config(disable=True)
         pipe.to(device)
-        for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
-            if module is not None:
-                module.requires_grad_(False)
-        return cls(pipe=pipe, ref=ref, device=device, dtype=td)
+        for module in (pipe.transformer, pipe.vae, *family.text_encoders):
+            module.requires_grad_(False)
+        return family
 
     @property
     def unet(self):
@@ -169,7 +172,7 @@ class StableDiffusion3Family(StableDiffusion3Text):
         if safe_guidance is not None:
             raise UserError(
                 f"Safe Latent Diffusion (guard 'sld-*') exists for SD 1.x/2.x pipelines only, and '{self.ref}' is "
-                "Stable Diffusion 3; use another guard (none, negprompt, wordfilter) with this model."
+                f"{self.title}; use another guard (none, negprompt, wordfilter) with this model."
             )
         res = resolution or self.native_resolution
         if prompt_embeds is not None:
@@ -179,15 +182,19 @@ class StableDiffusion3Family(StableDiffusion3Text):
             text = {"prompt": self.expand_tokens(prompts)}
         out = self.pipe(
             **text,
-            negative_prompt=self.expand_tokens(negative_prompts) if negative_prompts else None,
+            **self._guidance(guidance, negative_prompts),
             num_inference_steps=steps,
-            guidance_scale=guidance,
             height=res,
             width=res,
             generator=self._generators(seeds),
-            max_sequence_length=T5_TOKENS,
+            max_sequence_length=self.t5_tokens,
         )
         return out.images
+
+    def _guidance(self, guidance: float, negative_prompts: list[str] | None) -> dict:
+        """The pipeline's guidance arguments for duo's one scale (FLUX maps it onto two)."""
+        negative = self.expand_tokens(negative_prompts) if negative_prompts else None
+        return {"guidance_scale": guidance, "negative_prompt": negative}
 
     def image2image(
         self,
@@ -219,9 +226,7 @@ class StableDiffusion3Family(StableDiffusion3Text):
     # ---- LoRA files --------------------------------------------------------------------------
     def save_lora(self, folder: Path, state: dict[str, torch.Tensor]) -> None:
         """Diffusers' SD3 LoRA format (`transformer.` and `text_encoder.` keys, peft names): what
-        `StableDiffusion3Pipeline.load_lora_weights(folder)` reads."""
-        from diffusers import StableDiffusion3Pipeline
-
+        `StableDiffusion3Pipeline.load_lora_weights(folder)` reads, and FLUX's loader too."""
         from duo.models.lora import lora_scale
 
         components = (self.unet, self.pipe.text_encoder)
@@ -235,7 +240,7 @@ class StableDiffusion3Family(StableDiffusion3Text):
             scale = lora_scale(components[owner[0]]) if ".lora_B." in key else 1.0
             parts[owner[0]][key] = value * scale if scale != 1.0 else value
         layers = {"transformer_lora_layers": parts[0] or None, "text_encoder_lora_layers": parts[1] or None}
-        StableDiffusion3Pipeline.save_lora_weights(save_directory=str(folder), safe_serialization=True, **layers)
+        type(self.pipe).save_lora_weights(save_directory=str(folder), safe_serialization=True, **layers)
 
     def load_loras(self, loras: list[tuple[str, float]]) -> None:
         names = []

@@ -33,6 +33,13 @@ class StableDiffusion3Text(StableDiffusionText):
     def _clips(self) -> tuple[torch.nn.Module, torch.nn.Module]:
         return (self.pipe.text_encoder, self.pipe.text_encoder_2)
 
+    t5_tokens = T5_TOKENS
+
+    @property
+    def _t5(self) -> tuple:
+        """T5 and its tokenizer; (None, None) for a folder saved without T5."""
+        return self.pipe.text_encoder_3, self.pipe.tokenizer_3
+
     @property
     def pooled_dim(self) -> int:
         return int(self.pipe.transformer.config.pooled_projection_dim)
@@ -56,7 +63,7 @@ class StableDiffusion3Text(StableDiffusionText):
     def encode_ids(self, ids: torch.Tensor, encoder: torch.nn.Module | None = None) -> torch.Tensor:
         """Packed conditioning of CLIP-L ids; differentiable through both CLIP embedding tables."""
         ids = ids.to(self.device)
-        t5_reads = self.pipe.text_encoder_3 is not None  # without T5 the text only sets how many zero rows
+        t5_reads = self._t5[0] is not None  # without T5 the text only sets how many zero rows
         return self._encode(ids, [self.decode_ids(row.tolist()) if t5_reads else "" for row in ids], encoder)
 
     def _encode(self, ids: torch.Tensor, texts: list[str], encoder=None) -> torch.Tensor:
@@ -78,16 +85,15 @@ class StableDiffusion3Text(StableDiffusionText):
         return torch.where(position > first_eos, torch.full_like(ids, pad), ids)
 
     def _t5_states(self, texts: list[str]) -> torch.Tensor:
-        t5, width = self.pipe.text_encoder_3, self.pipe.transformer.config.joint_attention_dim
+        (t5, tok), width = self._t5, self.pipe.transformer.config.joint_attention_dim
         if t5 is None:  # diffusers feeds zeros in T5's place: the sequence keeps its length
-            return torch.zeros(len(texts), T5_TOKENS, width, device=self.device, dtype=self._clips[0].dtype)
+            return torch.zeros(len(texts), self.t5_tokens, width, device=self.device, dtype=self._clips[0].dtype)
         # T5 never trains (no LoRA loader reaches it), so its states of a text can be kept: attacks re-encode
         # the same prompts every step, and a T5-XXL forward costs more than both CLIPs'.
         cache = self.__dict__.setdefault("_t5_cache", {})
         missing = list(dict.fromkeys(t for t in texts if t not in cache))
         if missing:
-            tok = self.pipe.tokenizer_3
-            enc = tok(missing, padding="max_length", max_length=T5_TOKENS, truncation=True, return_tensors="pt")
+            enc = tok(missing, padding="max_length", max_length=self.t5_tokens, truncation=True, return_tensors="pt")
             with torch.no_grad():
                 states = t5(enc.input_ids.to(self.device))[0]
             if len(cache) + len(missing) > T5_CACHE:

@@ -6,6 +6,7 @@ Same diffusers classes as the real model, sizes shrunk so that everything runs i
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import torch
@@ -81,41 +82,42 @@ def random_vae(vae: dict, latent_size: int):
     )
 
 
-def build_random_pipeline(
-    folder: str | Path, unet: dict, vae: dict, text: dict, seed: int = 0, prediction_type: str = "epsilon"
-) -> dict[str, int]:
-    """Save a randomly initialised SD 1.x pipeline of the given sizes; returns parameter counts."""
+def random_sd_pipeline(unet: dict, vae: dict, text: dict, prediction_type: str = "epsilon"):
+    """A StableDiffusionPipeline of the given sizes with random weights (toy tokenizer; `text` may set the
+    embedding table's `vocab_size`, wider than the toy vocabulary, as full-size builds do)."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from duo.models.sd import assemble_pipeline
 
-    folder = Path(folder)
-    torch.manual_seed(seed)
+    # built in this order (UNet, VAE, text encoder) so that a seed gives the weights it always gave
     unet_model = UNet2DConditionModel(**unet)
     vae_model = random_vae(vae, unet["sample_size"])
-    tok_dir = folder / "_tok"
-    write_tokenizer(tok_dir)
-    tokenizer = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            max_position_embeddings=77,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-            **text,
-        )
-    )
-    pipe = assemble_pipeline(unet_model, vae_model, text_encoder, tokenizer, prediction_type)
-    pipe.save_pretrained(folder)
-    for f in tok_dir.iterdir():
-        f.unlink()
-    tok_dir.rmdir()
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer(Path(tmp))
+        tokenizer = CLIPTokenizer.from_pretrained(tmp, model_max_length=77)
+    ids = {"vocab_size": len(tokenizer), "max_position_embeddings": 77, "bos_token_id": 0, "eos_token_id": 1}
+    text_encoder = CLIPTextModel(CLIPTextConfig(**{**ids, "pad_token_id": 1, **text}))
+    return assemble_pipeline(unet_model, vae_model, text_encoder, tokenizer, prediction_type)
+
+
+def parameter_counts(pipe) -> dict[str, int]:
+    """Parameters of each torch module of a pipeline, by component name."""
     return {
-        n: sum(p.numel() for p in m.parameters())
-        for n, m in (("unet", unet_model), ("vae", vae_model), ("text_encoder", text_encoder))
+        name: sum(p.numel() for p in module.parameters())
+        for name, module in pipe.components.items()
+        if isinstance(module, torch.nn.Module)
     }
+
+
+def build_random_pipeline(
+    folder: str | Path, unet: dict, vae: dict, text: dict, seed: int = 0, prediction_type: str = "epsilon"
+) -> dict[str, int]:
+    """Save a randomly initialised SD 1.x pipeline of the given sizes; returns parameter counts."""
+    torch.manual_seed(seed)
+    pipe = random_sd_pipeline(unet, vae, text, prediction_type)
+    pipe.save_pretrained(folder)
+    return parameter_counts(pipe)
 
 
 def build_tiny_pipeline(folder: str | Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:

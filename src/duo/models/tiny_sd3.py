@@ -32,6 +32,7 @@ TINY_TRANSFORMER = {
     "dual_attention_layers": (0,),
     "qk_norm": "rms_norm",
 }
+TINY_T5 = {"d_model": JOINT_DIM, "d_kv": 8, "d_ff": 37, "num_layers": 2, "num_heads": 4}
 TINY_SD3_VAE = {
     "block_out_channels": (8, 16, 32, 32),
     "layers_per_block": 1,
@@ -47,6 +48,19 @@ TINY_SD3_VAE = {
 
 def build_tiny_sd3_pipeline(folder: str | Path, seed: int = 0, with_t5: bool = False) -> Path:
     """Build, save and return a random tiny SD3 pipeline folder (64 px images, 8×8×16 latents, shift 3)."""
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    clips = [{**TINY_TEXT, "hidden_size": width, "projection_dim": width} for width in CLIP_WIDTHS]
+    random_sd3_pipeline(TINY_TRANSFORMER, TINY_SD3_VAE, clips, TINY_T5 if with_t5 else None).save_pretrained(folder)
+    return folder
+
+
+def random_sd3_pipeline(transformer: dict, vae: dict, clips: list[dict], t5: dict | None = None):
+    """A StableDiffusion3Pipeline of the given sizes with random weights (toy tokenizers); T5 only if `t5`.
+
+    The VAE's sample size is the transformer's latent side × 8, the factor of its four blocks."""
+    import tempfile
+
     from diffusers import (
         AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
@@ -54,23 +68,22 @@ def build_tiny_sd3_pipeline(folder: str | Path, seed: int = 0, with_t5: bool = F
         StableDiffusion3Pipeline,
     )
 
-    folder = Path(folder)
-    torch.manual_seed(seed)
-    tokenizer, tokenizer_2 = _clip_tokenizers(folder / "_tok")
-    encoders = [_clip_encoder(len(tokenizer), width) for width in CLIP_WIDTHS]
-    t5_encoder, t5_tokenizer = _t5() if with_t5 else (None, None)
-    vae = AutoencoderKL(
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer, tokenizer_2 = _clip_tokenizers(Path(tmp))
+    encoders = [_clip_encoder(len(tokenizer), text) for text in clips]
+    t5_encoder, t5_tokenizer = _t5(config=t5) if t5 else (None, None)
+    vae_model = AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
-        sample_size=64,
-        **TINY_SD3_VAE,
+        sample_size=transformer["sample_size"] * 8,
+        **vae,
     )
-    pipe = StableDiffusion3Pipeline(
-        transformer=SD3Transformer2DModel(**TINY_TRANSFORMER),
+    return StableDiffusion3Pipeline(
+        transformer=SD3Transformer2DModel(**transformer),
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
-        vae=vae,
+        vae=vae_model,
         text_encoder=encoders[0],
         tokenizer=tokenizer,
         text_encoder_2=encoders[1],
@@ -78,11 +91,6 @@ def build_tiny_sd3_pipeline(folder: str | Path, seed: int = 0, with_t5: bool = F
         text_encoder_3=t5_encoder,
         tokenizer_3=t5_tokenizer,
     )
-    pipe.save_pretrained(folder)
-    for f in (folder / "_tok").iterdir():
-        f.unlink()
-    (folder / "_tok").rmdir()
-    return folder
 
 
 def _clip_tokenizers(tok_dir: Path):
@@ -95,23 +103,17 @@ def _clip_tokenizers(tok_dir: Path):
     )
 
 
-def _clip_encoder(vocab_size: int, width: int):
+def _clip_encoder(vocab_size: int, text: dict):
+    """`text` may set `vocab_size` (a full-size table wider than the toy vocabulary)."""
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    config = CLIPTextConfig(
-        vocab_size=vocab_size,
-        max_position_embeddings=77,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-        projection_dim=width,
-        **{**TINY_TEXT, "hidden_size": width},
-    )
-    return CLIPTextModelWithProjection(config)
+    ids = {"vocab_size": vocab_size, "max_position_embeddings": 77, "bos_token_id": 0, "eos_token_id": 1}
+    return CLIPTextModelWithProjection(CLIPTextConfig(**{**ids, "pad_token_id": 1, **text}))
 
 
-def _t5():
-    """A T5 encoder and a unigram T5 tokenizer built from a list of pieces (no sentencepiece model needed)."""
+def _t5(width: int = JOINT_DIM, config: dict | None = None):
+    """A T5 encoder and a unigram T5 tokenizer built from a list of pieces (no sentencepiece model needed);
+    `config` (T5Config sizes, `vocab_size` included if the table should be wider) replaces the tiny sizes."""
     from transformers import T5Config, T5EncoderModel, T5TokenizerFast
 
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
@@ -119,13 +121,6 @@ def _t5():
         pieces += [(ch, -5.0), ("▁" + ch, -4.0)]
     pieces += [("▁" + w, -1.0) for w in WORDS]
     tokenizer = T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=512)
-    config = T5Config(
-        vocab_size=len(tokenizer),
-        d_model=JOINT_DIM,
-        d_kv=8,
-        d_ff=37,
-        num_layers=2,
-        num_heads=4,
-        is_encoder_decoder=False,
-    )
-    return T5EncoderModel(config), tokenizer
+    sizes = config or {**TINY_T5, "d_model": width}
+    t5 = T5Config(**{"vocab_size": len(tokenizer), "is_encoder_decoder": False, **sizes})
+    return T5EncoderModel(t5), tokenizer

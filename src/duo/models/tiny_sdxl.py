@@ -34,39 +34,47 @@ TINY_SDXL_UNET = {
 }
 
 
-def _text_encoders(vocab_size: int):
+def _text_encoders(vocab_size: int, text_l: dict, text_g: dict):
+    """`text_l`/`text_g` may set `vocab_size` (a full-size table wider than the toy vocabulary)."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     ids = {"vocab_size": vocab_size, "max_position_embeddings": 77, "bos_token_id": 0, "eos_token_id": 1}
-    first = CLIPTextModel(CLIPTextConfig(**ids, pad_token_id=1, **TEXT_L))
-    second = CLIPTextModelWithProjection(CLIPTextConfig(**ids, projection_dim=POOLED, **TEXT_G))
+    first = CLIPTextModel(CLIPTextConfig(**{**ids, "pad_token_id": 1, **text_l}))
+    second = CLIPTextModelWithProjection(CLIPTextConfig(**{**ids, **text_g}))
     return first, second
 
 
 def build_tiny_sdxl_pipeline(folder: str | Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
     """Build, save and return a random tiny SDXL pipeline folder (64 px images, 8×8 latents, Euler sampler)."""
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    text_g = {**TEXT_G, "projection_dim": POOLED}
+    random_sdxl_pipeline(TINY_SDXL_UNET, TINY_VAE, TEXT_L, text_g, prediction_type).save_pretrained(folder)
+    return folder
+
+
+def random_sdxl_pipeline(unet: dict, vae: dict, text_l: dict, text_g: dict, prediction_type: str = "epsilon"):
+    """A StableDiffusionXLPipeline of the given sizes with random weights (toy tokenizers)."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTokenizer
 
-    folder = Path(folder)
-    torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as tmp:
         write_tokenizer(Path(tmp))
         tokenizer = CLIPTokenizer.from_pretrained(tmp, model_max_length=77)
         tokenizer_2 = CLIPTokenizer.from_pretrained(tmp, model_max_length=77, pad_token="!")
-    text_encoder, text_encoder_2 = _text_encoders(len(tokenizer))
-    scheduler = EulerDiscreteScheduler(
-        **SD_BETAS, steps_offset=1, timestep_spacing="leading", prediction_type=prediction_type
-    )
-    pipe = StableDiffusionXLPipeline(
-        vae=random_vae(TINY_VAE, TINY_SDXL_UNET["sample_size"]),
+    # built in this order (text encoders, VAE, UNet) so that a seed gives the weights it always gave
+    text_encoder, text_encoder_2 = _text_encoders(len(tokenizer), text_l, text_g)
+    with torch.device("cpu"):  # its tables are copied to the CPU when made: not on 'meta' (full_size.py)
+        scheduler = EulerDiscreteScheduler(
+            **SD_BETAS, steps_offset=1, timestep_spacing="leading", prediction_type=prediction_type
+        )
+    return StableDiffusionXLPipeline(
+        vae=random_vae(vae, unet["sample_size"]),
         text_encoder=text_encoder,
         text_encoder_2=text_encoder_2,
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
-        unet=UNet2DConditionModel(**TINY_SDXL_UNET),
+        unet=UNet2DConditionModel(**unet),
         scheduler=scheduler,
         add_watermarker=False,
     )
-    pipe.save_pretrained(folder)
-    return folder
