@@ -244,6 +244,8 @@ def test_duo_trains_and_plain_diffusers_loads_the_lora(sd3_model, sd3_lora):
 
     metrics = [json.loads(line) for line in (sd3_lora / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 4 and all(np.isfinite(m["loss"]) for m in metrics)
+    card = (sd3_lora / "README.md").read_text()  # the card names the layers this family's default trained
+    assert "transformer_blocks" in card and "the model family's default" in card and "| resolution | 64 px |" in card
     # a folder without T5 needs diffusers' documented way of saying so
     pipe = StableDiffusion3Pipeline.from_pretrained(sd3_model, text_encoder_3=None, tokenizer_3=None)
     pipe.set_progress_bar_config(disable=True)

@@ -2,7 +2,12 @@
 
 Training, generation, baselines and attacks talk to a family only through these members; tokenizers, text
 encoders, schedulers and BPE conventions (such as CLIP's `</w>` end-of-word suffix) stay inside the adapter.
-`StableDiffusionFamily` (SD 1.x/2.x) and `StableDiffusionXLFamily` (SDXL) implement it.
+`StableDiffusionFamily` (SD 1.x/2.x, sd.py), `StableDiffusionXLFamily` (sdxl.py), `StableDiffusion3Family`
+(sd3.py) and `FluxFamily` (flux.py) implement it; `family.FAMILIES` maps a pipeline class to its adapter.
+A new family also brings a tiny random pipeline builder (tiny_*.py) and a tests/test_family_*.py.
+
+Conditioning is always one tensor: families with a pooled embedding append it as a row (packed.py). Flow
+families keep the integer-timestep interface by indexing their σ table in ascending noise (flow.py).
 
 How a family with two text encoders (SDXL: CLIP ViT-L and OpenCLIP ViT-bigG) satisfies the token API:
 its two CLIP tokenizers share one BPE vocabulary, so `vocabulary`, `tokenize`, `prompt_ids`, `whole_word_ids`
@@ -11,9 +16,9 @@ the second, whose pad token differs, and joins both encoders' states as SDXL's U
 `add_placeholder_tokens` adds each name to both tokenizers, so it gets the same id in both, and grows both
 tables; `token_embeddings` returns the two tables (768 and 1280 wide), and an attack that learns token
 vectors learns one per table (`duo.models.token_slots`: the tables' rows side by side, (n, 768 + 1280)). Its
-textual-inversion files hold one tensor per encoder. A family whose encoders do not share a vocabulary (SD3,
-FLUX: CLIP + T5) would search prompts in its CLIP vocabulary and re-tokenize the decoded text for T5 inside
-`encode_ids`.
+textual-inversion files hold one tensor per encoder. Families whose encoders do not share a vocabulary (SD3,
+FLUX: CLIP + T5) search prompts in the CLIP vocabulary and re-tokenize the decoded text for T5 inside
+`encode_ids`, so learned token vectors act on the CLIP tables only.
 """
 
 from __future__ import annotations

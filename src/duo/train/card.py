@@ -24,7 +24,16 @@ def _adversary(c) -> str:
     )
 
 
-def write_model_card(out: Path, cfg, pairs) -> None:
+def _targets(c, family) -> str:
+    if c.targets:
+        return f"`{c.targets}`"
+    if family is None:
+        return "the method default"
+    return f"`{family.lora_targets(c.method, c.lora_module)}` (the model family's default)"
+
+
+def write_model_card(out: Path, cfg, pairs, family=None) -> None:
+    """`family`, when given, resolves the method's default LoRA layers: they differ between model families."""
     c = cfg
     common = [("base model", c.model), ("concept", pairs.concept.name + (f" / part {c.part}" if c.part else ""))]
     if c.method == "uce":
@@ -57,10 +66,11 @@ def write_model_card(out: Path, cfg, pairs) -> None:
             ("lr", c.resolved_lr),
             ("steps", c.steps),
             ("pairs per step", f"{c.batch_size} × {c.grad_accum} accumulation × processes"),
-            ("LoRA", f"rank {c.rank}, alpha {c.alpha}, targets {c.targets or 'the method default'}"),
+            ("LoRA", f"rank {c.rank}, alpha {c.alpha}, targets {_targets(c, family)}"),
             ("seed", c.seed),
         ]
-    rows = [*common, *specific, ("pairs", len(pairs)), ("data", str(pairs.folder)), ("data hash", pairs.data_hash)]
+    data = [("resolution", f"{pairs.resolution} px"), ("pairs", len(pairs)), ("data", str(pairs.folder))]
+    rows = [*common, *specific, *data, ("data hash", pairs.data_hash)]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     text = f"""---
 library_name: diffusers

@@ -67,7 +67,7 @@ def write_lora_folder(cfg: TrainConfig, pairs: PairSet, family, lora: dict, devi
     """The LoRA in the diffusers format, its model card, and with --fuse the full pipeline with it fused."""
     out = Path(cfg.out)
     family.save_lora(out, lora)
-    write_model_card(out, cfg, pairs)
+    write_model_card(out, cfg, pairs, family)
     if cfg.fuse:
         from duo.models.family import load_family
 
