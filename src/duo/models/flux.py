@@ -21,7 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from PIL import Image
 
 from duo.models.flow import FlowSchedule
 from duo.models.flux_text import FluxText
@@ -46,6 +45,7 @@ class FluxFamily(FluxText, StableDiffusion3Family):
     guidance: float = DEV_GUIDANCE  # the distilled guidance `denoise` gives dev's transformer
 
     pipeline_class_name = "FluxPipeline"
+    img2img_class_name = "FluxImg2ImgPipeline"
     title = "FLUX.1"
 
     @property
@@ -123,32 +123,3 @@ class FluxFamily(FluxText, StableDiffusion3Family):
             return {"guidance_scale": guidance}
         return {"guidance_scale": guidance, "true_cfg_scale": guidance,
                 "negative_prompt": self.expand_tokens(negative_prompts)}  # fmt: skip
-
-    def image2image(
-        self,
-        images: list[Image.Image],
-        prompts: list[str],
-        seeds: list[int],
-        strength: float,
-        steps: int,
-        guidance: float,
-        negative_prompts: list[str] | None = None,
-    ) -> list[Image.Image]:
-        from diffusers import FluxImg2ImgPipeline
-
-        if not hasattr(self, "_img2img"):
-            self._img2img = FluxImg2ImgPipeline(**self.pipe.components)
-            self._img2img.set_progress_bar_config(disable=True)
-        side = images[0].size[1], images[0].size[0]
-        out = self._img2img(
-            prompt=self.expand_tokens(prompts),
-            image=images,
-            **self._guidance(guidance, negative_prompts),
-            strength=strength,
-            num_inference_steps=steps,
-            height=side[0],
-            width=side[1],
-            generator=self._generators(seeds),
-            max_sequence_length=self.t5_tokens,
-        )
-        return out.images

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from PIL import Image
 
 from duo.errors import UserError
 from duo.models.lora import SELF_ATTENTION
+from duo.models.pipeline_loras import PipelineLoras
 from duo.models.sd_text import StableDiffusionText
 
 DTYPES = {
@@ -65,7 +65,7 @@ def images_to_tensor(images: list[Image.Image], size: int | None = None) -> torc
 
 
 @dataclass
-class StableDiffusionFamily(StableDiffusionText):
+class StableDiffusionFamily(StableDiffusionText, PipelineLoras):
     """The `ModelFamily` of SD 1.x/2.x; the text and token side lives in `StableDiffusionText`."""
 
     pipe: object
@@ -272,7 +272,7 @@ class StableDiffusionFamily(StableDiffusionText):
         """Diffusers LoRA format (`unet.` and `text_encoder.` keys): loads with `pipe.load_lora_weights(folder)`."""
         from diffusers.utils import convert_state_dict_to_diffusers
 
-        unet, text = self._lora_components(state)
+        unet, text = self.split_lora_state(state)
         layers = {}
         if unet:
             # diffusers converts only attention projections, and its loader guesses the format from the first key:
@@ -283,56 +283,6 @@ class StableDiffusionFamily(StableDiffusionText):
         if text:
             layers["text_encoder_lora_layers"] = text  # peft names: what diffusers writes for a text encoder
         type(self.pipe).save_lora_weights(save_directory=str(folder), safe_serialization=True, **layers)
-
-    def _lora_components(self, state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
-        """Split a LoRA state between the UNet and the text encoder by module name, with B scaled by α/r.
-
-        The file has no α: diffusers' loader (and others) then take α = r, so the attached adapter's α/r is
-        folded into B here, or a LoRA trained with --alpha ≠ --rank would load at the wrong strength.
-        """
-        from duo.models.lora import lora_scale
-
-        parts: tuple[dict, dict] = ({}, {})
-        modules = [dict(m.named_modules()) for m in (self.unet, self.pipe.text_encoder)]
-        for key, value in state.items():
-            name = key.split(".lora_")[0]
-            owner = [i for i, names in enumerate(modules) if name in names]
-            if len(owner) != 1:
-                raise ValueError(f"LoRA key '{key}' names no single module of the UNet or text encoder")
-            component = (self.unet, self.pipe.text_encoder)[owner[0]]
-            scale = lora_scale(component) if ".lora_B." in key else 1.0
-            parts[owner[0]][key] = value * scale if scale != 1.0 else value
-        return parts
-
-    def load_loras(self, loras: list[tuple[str, float]]) -> None:
-        """Load several LoRAs and combine them with weights (violence: four sub-concepts at 1.0)."""
-        names = []
-        for i, (folder, _) in enumerate(loras):
-            if not (Path(folder) / "pytorch_lora_weights.safetensors").is_file():
-                raise UserError(
-                    f"LoRA folder '{folder}' has no pytorch_lora_weights.safetensors; "
-                    "pass the --out folder of `duo train`."
-                )
-            name = f"lora{i}"
-            self.pipe.load_lora_weights(folder, adapter_name=name)
-            names.append(name)
-        if names:
-            self.pipe.set_adapters(names, adapter_weights=[w for _, w in loras])
-
-    @contextmanager
-    def loras_off(self):
-        """Generate with the original model while LoRAs stay loaded (same pipeline, no reload)."""
-        self.pipe.disable_lora()
-        try:
-            yield self
-        finally:
-            self.pipe.enable_lora()
-
-    def save_fused(self, folder: Path) -> None:
-        """Bake the loaded LoRAs into the weights and save a standalone pipeline."""
-        self.pipe.fuse_lora()
-        self.pipe.unload_lora_weights()
-        self.pipe.save_pretrained(folder, safe_serialization=True)
 
     # ---- baselines (ESD, UCE) ----------------------------------------------------------------------
     def lora_targets(self, method: str, module: str | None = None) -> str:

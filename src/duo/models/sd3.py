@@ -12,7 +12,6 @@ Not supported: Safe Latent Diffusion (diffusers has it for SD 1.x/2.x only).
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +21,9 @@ from PIL import Image
 from duo.errors import UserError
 from duo.models.flow import FlowSchedule
 from duo.models.packed import unpack
+from duo.models.pipeline_loras import PipelineLoras
 from duo.models.sd import images_to_tensor, torch_dtype
-from duo.models.sd3_text import T5_TOKENS, StableDiffusion3Text
+from duo.models.sd3_text import StableDiffusion3Text
 
 # LoRA targets of the joint attention. Each block attends over [image tokens ; text tokens]: the image stream's
 # projections (to_q/k/v, to_out.0) play the role of SD's self-attention, the context stream's (add_*_proj,
@@ -39,7 +39,7 @@ IMAGE_STREAM = r".*transformer_blocks\.\d+\.(attn2?\.(to_q|to_k|to_v|to_out\.0)|
 
 
 @dataclass
-class StableDiffusion3Family(StableDiffusion3Text):
+class StableDiffusion3Family(StableDiffusion3Text, PipelineLoras):
     """The `ModelFamily` of SD3 and SD3.5; `unet` is the MMDiT transformer (the protocol's name for the denoiser)."""
 
     pipe: object
@@ -48,6 +48,7 @@ class StableDiffusion3Family(StableDiffusion3Text):
     dtype: torch.dtype
 
     pipeline_class_name = "StableDiffusion3Pipeline"
+    img2img_class_name = "StableDiffusion3Img2ImgPipeline"
     title = "Stable Diffusion 3"
 
     # ---- loading -------------------------------------------------------------------------------
@@ -206,20 +207,22 @@ class StableDiffusion3Family(StableDiffusion3Text):
         guidance: float,
         negative_prompts: list[str] | None = None,
     ) -> list[Image.Image]:
-        from diffusers import StableDiffusion3Img2ImgPipeline
-
         if not hasattr(self, "_img2img"):
-            self._img2img = StableDiffusion3Img2ImgPipeline(**self.pipe.components)
+            import diffusers
+
+            self._img2img = getattr(diffusers, self.img2img_class_name)(**self.pipe.components)
             self._img2img.set_progress_bar_config(disable=True)
+        width, height = images[0].size  # FLUX's pipeline would otherwise resize to its default size
         out = self._img2img(
             prompt=self.expand_tokens(prompts),
             image=images,
-            negative_prompt=self.expand_tokens(negative_prompts) if negative_prompts else None,
+            **self._guidance(guidance, negative_prompts),
             strength=strength,
             num_inference_steps=steps,
-            guidance_scale=guidance,
+            height=height,
+            width=width,
             generator=self._generators(seeds),
-            max_sequence_length=T5_TOKENS,
+            max_sequence_length=self.t5_tokens,
         )
         return out.images
 
@@ -227,46 +230,9 @@ class StableDiffusion3Family(StableDiffusion3Text):
     def save_lora(self, folder: Path, state: dict[str, torch.Tensor]) -> None:
         """Diffusers' SD3 LoRA format (`transformer.` and `text_encoder.` keys, peft names): what
         `StableDiffusion3Pipeline.load_lora_weights(folder)` reads, and FLUX's loader too."""
-        from duo.models.lora import lora_scale
-
-        components = (self.unet, self.pipe.text_encoder)
-        modules = [dict(m.named_modules()) for m in components]
-        parts: tuple[dict, dict] = ({}, {})
-        for key, value in state.items():
-            owner = [i for i, names in enumerate(modules) if key.split(".lora_")[0] in names]
-            if len(owner) != 1:
-                raise ValueError(f"LoRA key '{key}' names no single module of the transformer or CLIP-L")
-            # no α in the file, so loaders take α = r: fold the adapter's α/r into B
-            scale = lora_scale(components[owner[0]]) if ".lora_B." in key else 1.0
-            parts[owner[0]][key] = value * scale if scale != 1.0 else value
+        parts = self.split_lora_state(state)
         layers = {"transformer_lora_layers": parts[0] or None, "text_encoder_lora_layers": parts[1] or None}
         type(self.pipe).save_lora_weights(save_directory=str(folder), safe_serialization=True, **layers)
-
-    def load_loras(self, loras: list[tuple[str, float]]) -> None:
-        names = []
-        for i, (folder, _) in enumerate(loras):
-            if not (Path(folder) / "pytorch_lora_weights.safetensors").is_file():
-                raise UserError(
-                    f"LoRA folder '{folder}' has no pytorch_lora_weights.safetensors; "
-                    "pass the --out folder of `duo train`."
-                )
-            self.pipe.load_lora_weights(folder, adapter_name=f"lora{i}")
-            names.append(f"lora{i}")
-        if names:
-            self.pipe.set_adapters(names, adapter_weights=[w for _, w in loras])
-
-    @contextmanager
-    def loras_off(self):
-        self.pipe.disable_lora()
-        try:
-            yield self
-        finally:
-            self.pipe.enable_lora()
-
-    def save_fused(self, folder: Path) -> None:
-        self.pipe.fuse_lora()
-        self.pipe.unload_lora_weights()
-        self.pipe.save_pretrained(folder, safe_serialization=True)
 
     # ---- baselines (UCE) ---------------------------------------------------------------------
     def cross_attention_projections(self, with_keys: bool = True) -> list[tuple[str, torch.nn.Linear]]:

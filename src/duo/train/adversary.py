@@ -71,6 +71,8 @@ class Adversary:
         self.optimizer = torch.optim.Adam([self.vectors], lr=cfg.adv_lr)
         self.discrete = cfg.adversarial == "unlearndiff"
         self.candidates = family.regular_token_ids() if self.discrete else None
+        # the tables are final once the slots exist: read them side by side once, not at every inner step
+        self.token_weight = token_weight(family).detach() if self.discrete else None
         self.last_loss = torch.zeros(())
         self.emb = self._encode()
 
@@ -98,12 +100,12 @@ class Adversary:
         vectors' gradient (straight-through)."""
         if not self.discrete:
             return self.vectors
-        _, rows = project(self.vectors, self.candidates, token_weight(self.family))
+        _, rows = project(self.vectors, self.candidates, self.token_weight)
         return self.vectors + (rows.to(self.vectors) - self.vectors).detach()
 
     def prefix_ids(self) -> list[int]:
         """The tokens of an unlearndiff prefix as it stands (for logs and tests)."""
-        return project(self.vectors, self.candidates, token_weight(self.family))[0].tolist()
+        return project(self.vectors, self.candidates, self.token_weight)[0].tolist()
 
     def _restart(self, g: torch.Generator) -> None:
         """Random vocabulary rows as the new start, and a new Adam: no memory of earlier rounds."""
