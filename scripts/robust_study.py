@@ -45,6 +45,8 @@ VARIANTS = {
     "DUO-adv soft anchored": DUO_ADV,  # the finalist, make compare's DUO-adv row
     "DUO-adv soft anchored 1e3": {**SOFT, "lam_uncond": 1e3},
     "DUO-adv ud anchored": {"adversarial": "unlearndiff", "adv_vectors": 5, "lam_uncond": 1e4},
+    # both adversaries, rounds taking turns: the soft-prompt row held CI/soft, the unlearndiff row UD/RAB/prompts
+    "DUO-adv soft+ud anchored": {**DUO_ADV, "adversarial": "soft-prompt+unlearndiff"},
     "AdvUnlearn": ADVUNLEARN,  # the robust anchor to beat: the compare row's settings
 }
 ATTACKS = {

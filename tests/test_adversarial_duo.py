@@ -49,7 +49,7 @@ def test_unlearndiff_adversary_conditions_on_real_tokens(tiny_model, pairs_dir):
     family = load_family(tiny_model, device="cpu")
     pairs = load_pairs(pairs_dir)
     mean, std = family.encode_images(pairs.unsafe_images, pairs.resolution)
-    adv = Adversary(cfg, family, pairs, mean, std, "cpu")
+    adv = Adversary(cfg, family, pairs, mean, std, "cpu", "unlearndiff")
     start = adv.vectors.detach().clone()
     adv.refresh(family.unet, step=0)
     assert not torch.equal(start, adv.vectors)
@@ -97,6 +97,35 @@ def test_the_adversary_changes_training_and_moves_only_its_vectors(tiny_model, p
     # the model card says which LoRA was trained robustly, and how
     assert "| adversary | concept-inversion: 3 vector(s), 2 steps" in (adv / "README.md").read_text()
     assert "| adversary | none |" in (plain / "README.md").read_text()
+
+
+def test_two_adversaries_take_turns_and_resume_exactly(tiny_model, pairs_dir, tmp_path, monkeypatch):
+    """soft-prompt+unlearndiff: round k refreshes adversary k mod 2 (one round's cost per round), each with its own
+    placeholders; both adversaries' rows enter the loss; a resume between their rounds continues exactly."""
+    from duo.train import adversary
+
+    rounds = []
+    original = adversary.Adversary.refresh
+
+    def spy(self, policy, step):
+        rounds.append((self.kind, step, tuple(self.slots.ids)))
+        original(self, policy, step)
+
+    monkeypatch.setattr(adversary.Adversary, "refresh", spy)
+    both = {**ADV, "adversarial": "soft-prompt+unlearndiff", "adv_every": 1}
+    straight = run(tiny_model, pairs_dir, tmp_path / "straight", steps=4, checkpoint_every=3, **both)
+    assert [(kind, step) for kind, step, _ in rounds] == [
+        ("soft-prompt", 0), ("unlearndiff", 1), ("soft-prompt", 2), ("unlearndiff", 3)
+    ]  # fmt: skip
+    assert not set(rounds[0][2]) & set(rounds[1][2])
+    single = run(tiny_model, pairs_dir, tmp_path / "single", steps=4, **{**both, "adversarial": "soft-prompt"})
+    assert [m["adv_pref"] for m in metrics(single)] != [m["adv_pref"] for m in metrics(straight)]
+    half = tmp_path / "halves"
+    run(tiny_model, pairs_dir, half, steps=3, checkpoint_every=3, **both)
+    run(tiny_model, pairs_dir, half, steps=4, checkpoint_every=3, resume=True, **both)
+    assert_same_weights(lora_weights(straight), lora_weights(half))
+    assert [m["loss"] for m in metrics(straight)] == [m["loss"] for m in metrics(half)]
+    assert "soft-prompt+unlearndiff (rounds take turns)" in (straight / "README.md").read_text()
 
 
 def test_fresh_rounds_restart_and_persistent_rounds_continue(tiny_model, pairs_dir, tmp_path, monkeypatch):
@@ -172,7 +201,9 @@ def test_the_unconditional_anchor_holds_the_empty_branch(tiny_model, pairs_dir, 
         ({"adv_steps": 5}, "only apply with --adversarial"),
         ({"adversarial": "soft-prompt", "adv_weight": 0.0}, "--adv-weight"),
         ({"adversarial": "soft-prompt", "adv_init": "warm"}, "--adv-init must be one of"),
-        ({"adversarial": "unknown"}, "--adversarial must be one of"),
+        ({"adversarial": "unknown"}, "--adversarial must be none or one or more"),
+        ({"adversarial": "soft-prompt+soft-prompt"}, "each once"),
+        ({"adversarial": "none+soft-prompt"}, "--adversarial must be none or one or more"),
         ({"adversarial": "soft-prompt", "adv_lr": -1.0}, "--adv-lr"),
     ],
 )

@@ -3,6 +3,7 @@ encoded live through the LoRA, a standard diffusers text-encoder LoRA out, an ex
 
 import json
 import math
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -74,9 +75,12 @@ def test_first_step_is_the_unet_placements_and_its_gradient_reaches_only_the_enc
     assert te[1]["keep"] > 0 and te[1]["retain"] > 0  # after one step the encoder's LoRA moved the policy
 
 
-def test_policy_rows_are_encoded_live_and_reference_rows_by_the_original_encoder(tiny_model, pairs_dir, monkeypatch):
+@pytest.mark.parametrize("adversarial", ["concept-inversion", "concept-inversion+soft-prompt"])
+def test_policy_rows_are_encoded_live_and_reference_rows_by_the_original_encoder(
+    tiny_model, pairs_dir, monkeypatch, adversarial
+):
     """The conditioning each UNet forward reads, row by row, against the prompts encoded by hand: LoRA on for the
-    policy (with grad), off for the reference; the adversarial rows with the inner attack's vectors in place."""
+    policy (with grad), off for the reference; the adversarial rows with each inner attack's vectors in place."""
     from accelerate import Accelerator
 
     from duo.data.pairs import load_pairs
@@ -85,7 +89,7 @@ def test_policy_rows_are_encoded_live_and_reference_rows_by_the_original_encoder
     from duo.train import methods
 
     cfg = resolve_config(model=tiny_model, data=pairs_dir, out="unused", conditioning="mixed", keep="noise+retain",
-                         retain_prompts="neighbours", **ADV, **TE)  # fmt: skip
+                         retain_prompts="neighbours", **{**ADV, "adversarial": adversarial}, **TE)  # fmt: skip
     family, pairs = load_family(tiny_model), load_pairs(pairs_dir)
     encoder = family.text_encoders[0]
     attach_lora(encoder, 4, 4.0, family.lora_targets("duo", cfg.lora_module))
@@ -102,16 +106,20 @@ def test_policy_rows_are_encoded_live_and_reference_rows_by_the_original_encoder
     monkeypatch.setattr(methods, "_reference_and_policy", spy)
     method = methods.DuoMethod(cfg, family, pairs, "cpu")
     acc = Accelerator(cpu=True)
-    method.before_step(encoder, acc, 0)  # a round of the inner attack, so its vectors are not the initial ones
+    for step in (0, 2):  # a round of each inner attack, so their vectors are not the initial ones
+        method.before_step(encoder, acc, step)
     d = method.draw(0, 4)
     method.micro_loss(encoder, acc, d)
     assert seen["unet"] is family.unet and seen["policy_embs"].requires_grad and not seen["embs"].requires_grad
 
-    adv = method.adversary
+    advs = method.adversaries
+    assert len(advs) == len(adversarial.split("+")) and len({s for a in advs for s in a.slots.ids}) == 3 * len(advs)
     texts = [pairs.unsafe_prompts[i] if c else "" for i, c in zip(d.pair_index, d.use_concept)]
     rows = texts * 2 + [""] * 4 + [pairs.concept.neighbours[i] for i in d.retain_prompt]
-    adv_ids = adv.ids[d.pair_index].repeat(2, 1)
-    with torch.no_grad(), adv.vectors_in_place():
+    adv_ids = torch.cat([a.ids[d.pair_index].repeat(2, 1) for a in advs])
+    with torch.no_grad(), ExitStack() as stack:
+        for a in advs:
+            stack.enter_context(a.vectors_in_place())
         live = torch.cat([family.encode_ids(family.tokenize(rows)), family.encode_ids(adv_ids)])
         with adapters_disabled(encoder):
             cached = torch.cat([family.encode_ids(family.tokenize(rows)), family.encode_ids(adv_ids)])

@@ -28,11 +28,12 @@ PLACEHOLDER = "<duo-slot-{}>"
 class TokenSlots:
     """n placeholder tokens whose embeddings are `self.vectors` (n, Σ table widths) while `hooked()` is active."""
 
-    def __init__(self, family: ModelFamily, n: int):
+    def __init__(self, family: ModelFamily, n: int, first: int = 0):
+        """`first`: the first placeholder's number; slots hooked at the same time need disjoint placeholders."""
         if n < 1:
             raise UserError(f"at least one trainable token is needed, got {n}")
         self.family = family
-        self.names = [PLACEHOLDER.format(i) for i in range(n)]
+        self.names = [PLACEHOLDER.format(first + i) for i in range(n)]
         self.ids = family.add_placeholder_tokens(self.names)
         self.vectors: torch.Tensor | None = None
 

@@ -24,6 +24,10 @@ Placement (`--adversarial`):
   pass uses each vector's nearest vocabulary token (cosine), and the gradient passes straight through to the
   vector (PEZ's relaxation; the published attack's simplex relaxation needs far more steps than a round has).
 
+Several placements joined with '+' (`soft-prompt+unlearndiff`) are several adversaries, each with its own
+placeholder tokens and vectors; their rounds take turns (round k refreshes adversary k mod n, so the inner attack
+costs what one does) and every pair is trained under each one's current prompt.
+
 The whole state is a function of (seed, step): each round draws from its own generator seeded by the round's
 step, and the vectors and Adam moments are checkpointed with the LoRA, so `--resume` continues exactly.
 """
@@ -60,28 +64,33 @@ def adversarial_texts(kind: str, prompts: list[str], unsafe_words: list[str], sl
 class Adversary:
     """Persistent token vectors learned against the policy; `emb` conditions the adversarial preference pairs."""
 
-    def __init__(self, cfg, family, pairs: PairSet, mean: torch.Tensor, std: torch.Tensor, device):
-        self.cfg, self.family, self.device = cfg, family, device
+    def __init__(self, cfg, family, pairs: PairSet, mean, std, device, kind: str, number: int = 0):
+        """`kind`: one of the placements below; `number`: this adversary's place among several (`a+b`), which
+        gives it its own placeholder tokens and its own draws."""
+        self.cfg, self.family, self.device, self.kind, self.number = cfg, family, device, kind, number
         self.mean, self.std = mean, std  # (N, C, H, W): the unsafe images' latent distributions
-        self.slots = TokenSlots(family, cfg.adv_vectors)
-        texts = adversarial_texts(cfg.adversarial, pairs.unsafe_prompts, pairs.concept.unsafe_words, self.slots.text)
+        self.slots = TokenSlots(family, cfg.adv_vectors, first=number * cfg.adv_vectors)
+        texts = adversarial_texts(kind, pairs.unsafe_prompts, pairs.concept.unsafe_words, self.slots.text)
         self.texts = texts
         self.ids = family.tokenize(texts).to(device)
         self.vectors = torch.nn.Parameter(word_vectors(family, INIT_WORD, cfg.adv_vectors).to(device))
         self.optimizer = torch.optim.Adam([self.vectors], lr=cfg.adv_lr)
-        self.discrete = cfg.adversarial == "unlearndiff"
+        self.discrete = kind == "unlearndiff"
         self.candidates = family.regular_token_ids() if self.discrete else None
         # the tables are final once the slots exist: read them side by side once, not at every inner step
         self.token_weight = token_weight(family).detach() if self.discrete else None
         self.last_loss = torch.zeros(())
         self.emb = self._encode()
 
-    def due(self, step: int) -> bool:
-        return step % self.cfg.adv_every == 0
+    def due(self, step: int, of: int = 1) -> bool:
+        """A round every adv_every steps; with `of` adversaries their rounds take turns (the cost of one)."""
+        if step % self.cfg.adv_every:
+            return False
+        return (step // self.cfg.adv_every) % of == self.number
 
     def refresh(self, policy: torch.nn.Module, step: int) -> None:
         """One round: adv_steps Adam steps on the vectors against `policy` (gradients reach the vectors only)."""
-        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step + SALT)
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step + SALT * (1 + self.number))
         if self.cfg.adv_init == "fresh":
             self._restart(g)
         with self.slots.hooked(), torch.enable_grad():

@@ -80,8 +80,8 @@ class DuoConfig:
         "past the LoRA being trained, and every pair is used a second time conditioned on them: none "
         "(authors), concept-inversion (vectors in place of the concept's words), soft-prompt (vectors before the "
         "prompt, the concept's words deleted), unlearndiff (a prefix of real tokens before the whole prompt: each "
-        "vector is replaced by its nearest vocabulary token, gradients pass straight through)",
-        choices=list(ADVERSARIES),
+        "vector is replaced by its nearest vocabulary token, gradients pass straight through); several joined with "
+        "'+' (soft-prompt+unlearndiff) take turns round by round and every pair is trained under each one's prompt",
     )
     adv_every: int = _f(10, "optimizer steps between rounds of the inner attack")
     adv_steps: int = _f(10, "Adam steps of the inner attack per round (its vectors carry over between rounds)")
@@ -95,6 +95,11 @@ class DuoConfig:
         "random vocabulary rows (fresh)",
         choices=["persistent", "fresh"],
     )
+
+    @property
+    def adversary_kinds(self) -> list[str]:
+        """The inner attacks `--adversarial` names, in order (none: empty)."""
+        return [] if self.adversarial == "none" else self.adversarial.split("+")
 
     @property
     def coupled_lr(self) -> float:
@@ -339,7 +344,13 @@ def _duo_checks(c: TrainConfig) -> list[tuple[bool, str]]:
 def _adversary_checks(c: TrainConfig) -> list[tuple[bool, str]]:
     adv = [f for f in fields(DuoConfig) if f.name.startswith("adv_")]  # adv_init's choices: checked by validate
     changed = [f"--{_flag(f.name)}" for f in adv if getattr(c, f.name) != f.default]
+    kinds = c.adversary_kinds
     return [
+        (
+            c.adversarial == "none" or (set(kinds) <= set(ADVERSARIES[1:]) and len(set(kinds)) == len(kinds)),
+            f"--adversarial must be none or one or more of {list(ADVERSARIES[1:])} joined with '+', each once; "
+            f"got {c.adversarial!r}",
+        ),
         (c.adversarial != "none" or not changed, f"{', '.join(changed)} only apply with --adversarial; drop them"),
         (min(c.adv_every, c.adv_steps, c.adv_vectors, c.adv_batch) >= 1, "--adv-every/-steps/-vectors/-batch: ≥ 1"),
         (c.adv_lr > 0, "--adv-lr must be positive"),

@@ -7,7 +7,7 @@ checkpoints, metrics). DUO pairs each unsafe image with its safe edit; ESD needs
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
@@ -78,20 +78,23 @@ class LiveText:
         self.empty = family.tokenize([""]).to(device)
         self.retain = family.tokenize(retain_prompt_list(pairs, cfg) or [""]).to(device)
 
-    def rows(self, encoder, acc, use_concept, idx, retain_idx, adversary, anchor: bool) -> torch.Tensor:
-        """Conditioning laid out as the batched forward's rows: [c ; c ; c∅ (; c_r) (; c_adv ; c_adv) (; c∅ ; c∅)]."""
+    def rows(self, encoder, acc, use_concept, idx, retain_idx, adversaries, anchor: bool) -> torch.Tensor:
+        """Conditioning laid out as the batched forward's rows:
+        [c ; c ; c∅ (; c_r) (; c_adv1 ; c_adv1 ; c_adv2 ; c_adv2 …) (; c∅ ; c∅)]."""
         b = idx.shape[0]
         cond = torch.where(use_concept[:, None], self.unsafe[idx], self.empty.expand(b, -1))
         ids = [cond, self.empty]
         if retain_idx is not None:
             ids.append(self.retain[retain_idx])
-        if adversary is not None:
-            ids.append(adversary.ids[idx])  # placeholders: only these rows' embeddings are swapped by the hook
-        with acc.autocast(), adversary.vectors_in_place() if adversary is not None else nullcontext():
+        ids += [a.ids[idx] for a in adversaries]  # placeholders: only these rows' embeddings are swapped by the hooks
+        with acc.autocast(), ExitStack() as stack:
+            for a in adversaries:  # disjoint placeholders: every adversary's hook swaps its own rows only
+                stack.enter_context(a.vectors_in_place())
             emb = self.family.encode_ids(torch.cat(ids), encoder=encoder)
         cond, empty, rest = emb[:b], emb[b : b + 1].expand(b, -1, -1), emb[b + 1 :]
-        retain, adv = (rest[:b], rest[b:]) if retain_idx is not None else (rest[:0], rest)
-        return torch.cat([cond, cond, empty, retain, adv, adv] + [empty, empty] * anchor)
+        retain, rest = (rest[:b], rest[b:]) if retain_idx is not None else (rest[:0], rest)
+        adv = [part for k in range(len(adversaries)) for part in (rest[k * b : (k + 1) * b],) * 2]
+        return torch.cat([cond, cond, empty, retain, *adv] + [empty, empty] * anchor)
 
 
 def preference_range(cfg: TrainConfig, family, pairs: PairSet) -> tuple[int, int]:
@@ -131,30 +134,38 @@ class DuoMethod:
         self.cache = build_cache(family, pairs, cfg, device)  # the reference's conditioning in both placements
         # LoRA on the text encoder: the policy reads prompts through it, encoded live
         self.live = LiveText(family, pairs, cfg, device) if cfg.lora_module == "text_encoder" else None
-        self.adversary = None
-        if cfg.adversarial != "none":
-            c = self.cache
-            self.adversary = Adversary(cfg, family, pairs, c.mean[:, 0], c.std[:, 0], device)
+        c = self.cache
+        self.adversaries = [
+            Adversary(cfg, family, pairs, c.mean[:, 0], c.std[:, 0], device, kind, number)
+            for number, kind in enumerate(cfg.adversary_kinds)
+        ]
+        if self.adversaries:
             self.metrics = (*self.metrics, "adv_pref", "adv_loss")
         if cfg.lam_uncond > 0:
             self.metrics = (*self.metrics, "uncond")
 
     @property
     def needs_text_encoder(self) -> bool:
-        return self.adversary is not None or self.live is not None
+        return bool(self.adversaries) or self.live is not None
 
     def before_step(self, module, acc, step: int) -> None:
         """A round of the inner attack, against the LoRA as it stands, when one is due. With the LoRA on the
         text encoder the attack's denoiser is the frozen UNet; it reads the encoder (LoRA on) itself."""
-        if self.adversary is not None and self.adversary.due(step):
-            self.adversary.refresh(self.family.unet if self.live else acc.unwrap_model(module), step)
+        for adversary in self.adversaries:
+            if adversary.due(step, of=len(self.adversaries)):
+                adversary.refresh(self.family.unet if self.live else acc.unwrap_model(module), step)
+
+    def _state_prefix(self, adversary: Adversary) -> str:
+        """One adversary's checkpoint keys are unprefixed (as before several existed); several are numbered."""
+        return f"adv{adversary.number}." if len(self.adversaries) > 1 else ""
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.adversary.state_dict() if self.adversary is not None else {}
+        return {self._state_prefix(a) + k: v for a in self.adversaries for k, v in a.state_dict().items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        if self.adversary is not None:
-            self.adversary.load_state_dict(state)
+        for a in self.adversaries:
+            prefix = self._state_prefix(a)
+            a.load_state_dict({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)})
 
     def draw(self, step: int, global_batch: int) -> StepDraws:
         cfg, c = self.cfg, self.cache
@@ -186,7 +197,7 @@ class DuoMethod:
             latents.append(fam.add_noise(x_win0, d.retain_noise, d.t_retain))
             ts.append(d.t_retain)
         n_rows = len(latents) * b  # the rows duo_loss reads; adversarial rows follow them
-        if self.adversary is not None:  # the same x⁻_t, x⁺_t under the inner attack's prompt
+        for _ in self.adversaries:  # the same x⁻_t, x⁺_t under each inner attack's prompt
             latents, ts = latents + latents[:2], ts + ts[:2]
         if self.cfg.lam_uncond > 0:  # and under c∅, for the anchor
             latents, ts = latents + latents[:2], ts + ts[:2]
@@ -198,7 +209,8 @@ class DuoMethod:
         if self.live is None:  # LoRA on the UNet: one conditioning, the UNet with and without its adapters
             reference, policy = _reference_and_policy(fam, module, acc, latents, ts, embs)
         else:  # LoRA on the text encoder: one frozen UNet, conditioned by the original and the trained encoder
-            live = self.live.rows(module, acc, d.use_concept, idx, retain_idx, self.adversary, self.cfg.lam_uncond > 0)
+            anchor = self.cfg.lam_uncond > 0
+            live = self.live.rows(module, acc, d.use_concept, idx, retain_idx, self.adversaries, anchor)
             reference, policy = _reference_and_policy(fam, fam.unet, acc, latents, ts, embs, policy_embs=live)
         return self._loss_parts(policy, reference, target, n_rows, b)
 
@@ -210,8 +222,8 @@ class DuoMethod:
         embs = [cond, cond, empty]
         if retain_idx is not None:
             embs.append(c.emb_retain[retain_idx])
-        if self.adversary is not None:
-            embs += [self.adversary.emb[idx]] * 2
+        for adversary in self.adversaries:
+            embs += [adversary.emb[idx]] * 2
         if self.cfg.lam_uncond > 0:
             embs += [empty, empty]
         return torch.cat(embs)
@@ -221,12 +233,15 @@ class DuoMethod:
         lam_retain = cfg.resolved_lam_retain if cfg.keep == "noise+retain" else 0.0
         parts = duo_loss(policy[:n_rows], reference[:n_rows], target, b, cfg.beta, cfg.resolved_lam, lam_retain)
         out = {name: getattr(parts, name) for name in DuoMethod.metrics}
-        if self.adversary is not None:
-            rows = slice(n_rows, n_rows + 2 * b)
-            lose, win = preference_deltas(policy[rows], reference[rows], target)
-            out["adv_pref"] = preference_loss(win, lose, cfg.beta).mean()
-            out["loss"] = out["loss"] + cfg.adv_weight * out["adv_pref"]
-            out["adv_loss"] = self.adversary.last_loss.to(parts.loss.device)
+        if self.adversaries:  # each adversary's 2b rows, one preference term each (metrics: their mean)
+            terms = []
+            for k in range(len(self.adversaries)):
+                rows = slice(n_rows + 2 * b * k, n_rows + 2 * b * (k + 1))
+                lose, win = preference_deltas(policy[rows], reference[rows], target)
+                terms.append(preference_loss(win, lose, cfg.beta).mean())
+            out["loss"] = out["loss"] + cfg.adv_weight * sum(terms)
+            out["adv_pref"] = torch.stack(terms).mean()
+            out["adv_loss"] = torch.stack([a.last_loss for a in self.adversaries]).mean().to(parts.loss.device)
         if cfg.lam_uncond > 0:  # the last 2b rows: x⁻_t, x⁺_t under c∅
             out["uncond"] = per_sample_mse(policy[-2 * b :], reference[-2 * b :]).mean()
             out["loss"] = out["loss"] + cfg.lam_uncond * out["uncond"]
