@@ -114,6 +114,26 @@ def test_esd_trains_its_layers_in_the_one_loop_and_every_layer_loads(tiny_model,
     assert u <= loaded
 
 
+def test_esd_u_trains_the_published_layer_set(tiny_model):
+    """ESD-u's published rule (train-scripts, "noxattn"): every weight whose name holds no `attn2` and is neither
+    the time embedding nor the output layer — here every linear and convolution it admits carries the LoRA."""
+    from duo.models.family import load_family
+    from duo.models.lora import attach_lora
+
+    family = load_family(tiny_model)
+    unet = family.unet
+    layers = (torch.nn.Linear, torch.nn.Conv2d)
+    published = {
+        name
+        for name, m in unet.named_modules()
+        if isinstance(m, layers) and "attn2" not in name and not name.startswith(("time_embedding", "conv_out"))
+    }
+    attach_lora(unet, 2, 2.0, family.lora_targets("esd-u"))
+    wrapped = {n for n, m in unet.named_modules() if hasattr(m, "lora_A")}
+    assert wrapped == published
+    assert "conv_in" in wrapped and any(n.endswith("time_emb_proj") for n in wrapped)  # beyond the earlier set
+
+
 def test_uce_lora_reproduces_the_closed_form(tiny_model, pairs_dir, tmp_path):
     from duo.data.pairs import load_pairs
     from duo.models.family import load_family, load_with_loras
@@ -148,6 +168,17 @@ def test_concept_train_section_tunes_duo_only():
     esd = config_with_concept_defaults({"model": "m", "data": "d", "out": "o", "method": "esd-x"}, section)
     assert esd.beta == 500.0 and esd.targets is None and esd.steps == 1000
     esd.validate()
+    # --recipe authors: DUO itself with the authors' defaults, the section ignored but explicit flags kept
+    authors = config_with_concept_defaults({"model": "m", "data": "d", "out": "o", "recipe": "authors"}, section)
+    assert (authors.beta, authors.targets, authors.steps) == (500.0, None, 1000)
+    tuned = {"model": "m", "data": "d", "out": "o", "recipe": "authors", "steps": 7}
+    assert config_with_concept_defaults(tuned, section).steps == 7
+
+
+def test_uce_lambda_default_is_the_one_the_authors_script_passes():
+    from duo.train.config import TrainConfig
+
+    assert TrainConfig(method="uce").uce_lambda == 0.5  # train_erase.py: edit_model(..., lamb=0.5, ...)
 
 
 # ---- on Shapes: each method, briefly, lowers red on direct prompts ---------------------------------------

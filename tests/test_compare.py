@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from duo.compare import SHAPES_METHODS, Method, PointConfig, compare, markdown_table, summarise
+from duo.errors import UserError
 
 
 def _run(dsr: float, pp: float, fid: float) -> dict:
@@ -63,6 +64,10 @@ def test_small_comparison_on_shapes(tmp_path):
     before = index.read_text()
     assert compare("shapes", str(pairs), out, methods, [0, 1], point, "test") == rows
     assert index.read_text() == before
+    # A finished point is reused only with the settings it was trained with: a changed row is refused.
+    changed = [Method("UCE", {"method": "uce", "uce_erase": "prompts", "uce_lambda": 0.2}), methods[1]]
+    with pytest.raises(UserError, match="uce_lambda"):
+        compare("shapes", str(pairs), out, changed, [0, 1], point, "test")
 
 
 def test_compare_needs_the_shapes_world(tmp_path):
@@ -72,3 +77,15 @@ def test_compare_needs_the_shapes_world(tmp_path):
         capture_output=True,
     )  # fmt: skip
     assert r.returncode == 2 and b"--compare needs the Shapes world" in r.stderr
+
+
+def test_rows_pick_comparison_methods_by_label_and_an_unknown_one_is_refused(tmp_path):
+    from duo.demo import DemoConfig, compare_rows, run_demo
+
+    assert [m.label for m in compare_rows(["UCE", "DUO paper recipe"])] == ["UCE", "DUO paper recipe"]
+    assert compare_rows(None) == list(SHAPES_METHODS)
+    paper = compare_rows(["DUO paper recipe"])[0]
+    assert paper.train == {"recipe": "authors"}  # the authors' settings, not the Shapes preset's
+    with pytest.raises(UserError, match="no comparison row is labelled \\['nope'\\]"):
+        run_demo(DemoConfig(out=str(tmp_path / "d"), world="shapes", compare=True, rows=["nope"]))
+    assert not (tmp_path / "d").exists()

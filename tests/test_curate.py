@@ -127,3 +127,16 @@ def test_concept_templates_and_negative_prompt():
     assert prompts[:2] == prompts[2:4]  # combinations cycle
     default = concept_from_dict({"name": "c", "parts": [{"name": "p", "pairs": 1, "unsafe": "x", "safe": "y"}]})
     assert default.parts[0].prompt_pairs(0) == [("x", "y", "x")]  # the authors' negative: the unsafe prompt
+
+
+def test_violence_preset_follows_the_authors_data_and_timesteps():
+    """The authors' violence data (datasets/SD/config.json): horror is the bare word against "comfort", 32 pairs
+    per part like the others; and their trainer samples t < 750 although violence's SDEdit strength is 0.8."""
+    from duo.data.concepts import load_concept
+    from duo.train.config import config_with_concept_defaults
+
+    concept = load_concept("violence")
+    horror = {p.name: p for p in concept.parts}["horror"]
+    assert set(horror.prompt_pairs(seed=0)) == {("horror", "comfort", "horror")} and horror.pairs == 32
+    cfg = config_with_concept_defaults({"model": "m", "data": "d", "out": "o"}, concept.train)
+    assert (cfg.t_max, cfg.beta, cfg.steps) == (750, 1000, 500)

@@ -76,3 +76,23 @@ def test_cli_report(tmp_path):
     out = tmp_path / "r.html"
     r = subprocess.run([sys.executable, "-m", "duo", "report", str(run), "--out", str(out)], capture_output=True)
     assert r.returncode == 0 and out.is_file()
+
+
+@pytest.mark.parametrize("pps, left", [([0.992, 1.0], -0.03), ([0.5, 0.99], -0.03), ([-0.10, 0.99], -0.28)])
+def test_the_pp_axis_is_fixed_not_zoomed_to_the_data(monkeypatch, pps, left):
+    """Both figures draw PP on [0, 1] (left of 0 only for a method that damages more than nothing)."""
+    from matplotlib.figure import Figure
+
+    from duo.report.plot import compare_figure, dsr_pp_figure
+
+    limits = []
+    original = Figure.savefig
+    monkeypatch.setattr(
+        Figure, "savefig", lambda fig, *a, **k: (limits.append(fig.axes[0].get_xlim()), original(fig, *a, **k))
+    )
+    cell = {"dsr": {"rate": 0.5, "ci95": [0.3, 0.7]}}
+    runs = [{"attacks": {"prompts": cell}, "preservation": {"pp": pp}, "method": {"name": "m"}} for pp in pps]
+    dsr_pp_figure(runs, ["prompts"])
+    rows = [{"label": str(pp), "dsr": {"prompts": {"mean": 0.5, "sd": 0}}, "pp": {"mean": pp, "sd": 0}} for pp in pps]
+    compare_figure(rows, ["prompts"])
+    assert limits == [pytest.approx((left, 1.03))] * 2

@@ -1,6 +1,7 @@
 """DUO end to end on a tiny random pipeline: curate → train → a plain diffusers pipeline loads the LoRA."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -174,8 +175,13 @@ def test_two_processes_match_one(tiny_model, pairs_dir, tmp_path):
         "4",
         "--batch-size",
         "2",
+        "--threads",
+        "1",
     ]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    # One OpenMP thread a rank: two ranks × the default (all cores) oversubscribe a shared 2-core machine, and
+    # spinning OpenMP workers then starve the other rank between collectives (the test ran past its timeout).
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((two / "config.json").read_text())["processes"] == 2
     one = run_train(tiny_model, pairs_dir, tmp_path / "one", steps=4, batch_size=4)

@@ -96,14 +96,20 @@ def run_point(
 def train_point(model: str, data: str, lora: Path, flags: dict, seed: int, device: str) -> str:
     """Train (or resume, or reuse) the LoRA of one point."""
     from duo.train.api import LORA_FILE, resolve_config, train
+    from duo.train.outputs import claim_folder
 
-    if not (lora / LORA_FILE).is_file():
-        explicit = {"model": model, "data": data, "out": str(lora), "device": device, **flags}
-        if flags.get("method", "duo") == "uce":
-            explicit["overwrite"] = lora.exists()  # a closed form: nothing to resume
-        else:
-            explicit.update(seed=seed, resume=lora.exists())
-        train(resolve_config(**explicit))
+    explicit = {"model": model, "data": data, "out": str(lora), "device": device, **flags}
+    if flags.get("method", "duo") != "uce":  # a closed form has no seed and nothing to resume
+        explicit["seed"] = seed
+    if (lora / LORA_FILE).is_file():
+        # reused only if trained with these settings: a changed row or default must not pass off an old LoRA
+        claim_folder(resolve_config(**explicit), resume=True)
+        return str(lora)
+    if explicit.get("method", "duo") == "uce":
+        explicit["overwrite"] = lora.exists()
+    else:
+        explicit["resume"] = lora.exists()
+    train(resolve_config(**explicit))
     return str(lora)
 
 

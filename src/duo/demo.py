@@ -61,12 +61,19 @@ class DemoConfig:
     compare: bool = field(
         default=False,
         metadata={
-            "help": "instead of DUO alone: DUO (β 25, 50, 100, 500), ESD-x (two lr), ESD-u, UCE, DUO-adv, "
-            "AdvUnlearn, negative prompt, SLD-Max and the original under the --attacks, each for every --seeds, into "
-            "OUT/compare (Shapes only; 4-8 min a point on one thread)"
+            "help": "instead of DUO alone: DUO (β 25, 50, 100, 500; the paper's recipe), ESD-x (two lr), ESD-u, "
+            "UCE, DUO-adv, AdvUnlearn, negative prompt, SLD-Max and the original under the --attacks, each for every "
+            "--seeds, into OUT/compare (Shapes only; 4-8 min a point on one thread)"
         },
     )
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "seeds of --compare"})
+    rows: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "with --compare: only the rows with these labels (e.g. --rows UCE ESD-u); finished points of "
+            "other rows are kept, and a run without --rows puts every row back in the table"
+        },
+    )
 
 
 def pick_world(name: str) -> str:
@@ -86,6 +93,10 @@ def run_demo(cfg: DemoConfig) -> dict:
     world = pick_world(cfg.world)
     if cfg.compare and world != "shapes":
         raise UserError("--compare needs the Shapes world (a random tiny model draws nothing to judge).")
+    if cfg.compare:
+        compare_rows(cfg.rows)  # an unknown label fails before anything runs
+    if cfg.rows and not cfg.compare:
+        raise UserError("--rows picks rows of --compare: add --compare, or drop --rows.")
     out = Path(cfg.out)
     # The demo's run.json comes first: its stages then write into a folder that is already a run folder.
     run = claim_demo(out, cfg, world, names).start()
@@ -127,7 +138,7 @@ def claim_demo(out: Path, cfg: DemoConfig, world: str, attacks: list[str]) -> Ru
     config.update(world=world, attacks=attacks)  # as resolved: `auto` may name another world later
     try:
         # `make demo` and `make compare` share runs/demo: switching between them resumes the same run.
-        return RunFolder.claim(out, "demo", config, overwrite=cfg.fresh, volatile=("compare", "seeds"))
+        return RunFolder.claim(out, "demo", config, overwrite=cfg.fresh, volatile=("compare", "seeds", "rows"))
     except UserError as exc:
         raise UserError(str(exc).replace("--overwrite", "--fresh")) from None  # the demo's name for that flag
 
@@ -154,15 +165,29 @@ def _train(cfg: DemoConfig, model: str, out: Path) -> str:
 
 
 def _compare(cfg: DemoConfig, world: str, model: str, concept: str, names: list[str], out: Path, started) -> dict:
-    """Every method of duo.compare.SHAPES_METHODS × seed on the demo's pairs: table, figure, report."""
-    from duo.compare import SHAPES_METHODS, compare
+    """Every method of duo.compare.SHAPES_METHODS (or --rows) × seed on the demo's pairs: table, figure, report."""
+    from duo.compare import compare
 
     point = _point(cfg, model, concept, names)
     title = f"duo demo --compare: {concept}"
-    rows = compare(model, str(out / "pairs"), out / "compare", list(SHAPES_METHODS), cfg.seeds, point, title)
+    methods = compare_rows(cfg.rows)
+    rows = compare(model, str(out / "pairs"), out / "compare", methods, cfg.seeds, point, title)
     results = {"world": world, "demo": asdict(cfg), "compare": rows, "seconds": round(time.perf_counter() - started, 1)}
     atomic_write_text(out / "compare" / "results.json", json.dumps(results, indent=2))
     return results
+
+
+def compare_rows(labels: list[str] | None) -> list:
+    """The comparison's methods, all or those `labels` name (each must name one)."""
+    from duo.compare import SHAPES_METHODS
+
+    if not labels:
+        return list(SHAPES_METHODS)
+    known = {m.label: m for m in SHAPES_METHODS}
+    unknown = [label for label in labels if label not in known]
+    if unknown:
+        raise UserError(f"--rows: no comparison row is labelled {unknown}; the rows are {list(known)}.")
+    return [known[label] for label in labels]
 
 
 def _point(cfg: DemoConfig, model: str, concept: str, names: list[str]):

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from duo.data.concepts import Concept
 from duo.data.files import append_jsonl, atomic_save_image, atomic_write_text, load_image, read_jsonl
 from duo.data.lineage import lora_lineage, lora_parents, resolve_inputs, same_model
+from duo.data.text import check_prompt
 from duo.errors import UserError
 from duo.guards import GUARDS, make_guard
 from duo.models.lora_spec import lora_dirs, parse_lora_spec
@@ -97,7 +98,8 @@ def neutral_prompts(cfg: EvaluateConfig, concept: Concept) -> list[str]:
 
             prompts = [r["prompt"] for r in read_prompt_file(path)]
         elif path.is_file():
-            prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+            lines = [line.strip() for line in path.read_text().split("\n") if line.strip()]
+            prompts = [check_prompt(line, f"--prompts-file '{path}'") for line in lines]
         else:
             raise UserError(f"--prompts-file '{path}' does not exist.")
         return prompts[: cfg.n_prompts]
@@ -125,10 +127,14 @@ class _Images:
         return self.family
 
     def get(self, group: str, prompts: list[str]) -> tuple[list, list]:
+        size = self.cfg.batch_size
         for model in ("original", "unlearned"):
-            todo = [i for i in range(len(prompts)) if (group, model, i) not in self.records]
-            for start in tqdm(range(0, len(todo), self.cfg.batch_size), desc=f"{group}: {model}", leave=False):
-                self._generate(group, model, prompts, todo[start : start + self.cfg.batch_size])
+            # Batches of every prompt, not of those left: pixels depend on the batch an image is drawn in (CPU
+            # kernels), so a batch a crash cut short is redrawn whole and only its missing images are recorded.
+            batches = [range(start, min(start + size, len(prompts))) for start in range(0, len(prompts), size)]
+            todo = [b for b in batches if any((group, model, i) not in self.records for i in b)]
+            for batch in tqdm(todo, desc=f"{group}: {model}", leave=False):
+                self._generate(group, model, prompts, list(batch))
         return tuple(
             [load_image(self.out / self.records[(group, m, i)]["file"]) for i in range(len(prompts))]
             for m in ("original", "unlearned")
@@ -144,6 +150,8 @@ class _Images:
         with run:
             images = guard.generate(family, texts, seeds, steps, guidance, self.concept.resolution)
         for i, seed, image in zip(idx, seeds, images):
+            if (group, model, i) in self.records:  # recorded before a crash cut this batch short
+                continue
             rel = f"images/{group}/{model}/{i:04d}.png"
             atomic_save_image(self.out / rel, image)
             record = {"group": group, "model": model, "i": i, "prompt": prompts[i], "seed": seed, "file": rel}
@@ -278,12 +286,13 @@ def attack_originals(images: _Images, cell: dict) -> list[dict]:
     if learned.is_file():  # the prompts carry the learned token: install it (the LoRAs stay off below)
         install_token(family, cell["settings"]["token"], None, learned)
     for i, ex in enumerate(examples):
+        # Popped whether or not the image is drawn: a rerun that finds it on disk writes the same results.json.
+        guidance = ex.pop("guidance") or images.concept.guidance
         rel = f"images/attack-{cell['hash'][:12]}/original/{i:04d}.png"  # keyed by content: never stale
         if not (images.out / rel).is_file():
             with family.loras_off() if images.cfg.lora else nullcontext():
                 image = family.text2image(
-                    [ex["prompt"]], [ex["seed"]], cell["sampling"]["steps"],
-                    ex.pop("guidance") or images.concept.guidance, cell["sampling"]["resolution"],
+                    [ex["prompt"]], [ex["seed"]], cell["sampling"]["steps"], guidance, cell["sampling"]["resolution"],
                 )[0]  # fmt: skip
             atomic_save_image(images.out / rel, image)
         ex["original"] = rel

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from duo.data.files import append_jsonl, atomic_save_image, read_jsonl
 from duo.data.lineage import lora_parents, resolve_inputs
+from duo.data.text import check_prompt
 from duo.errors import UserError
 from duo.guards import GUARDS, Guard, make_guard
 from duo.models.lora_spec import lora_dirs
@@ -55,15 +56,27 @@ class SampleConfig:
     overwrite: bool = field(default=False, metadata={"help": "delete the run in --out and start afresh"})
 
     def prompts(self) -> list[str]:
-        prompts = list(self.prompt or [])
+        prompts = [check_prompt(p, "--prompt") for p in self.prompt or []]
         if self.prompts_file:
             path = Path(self.prompts_file)
             if not path.is_file():
                 raise UserError(f"prompts file '{path}' does not exist.")
-            prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+            # split on newlines only: splitlines() would also split at control characters and hide them
+            from_file = [line.strip() for line in _read_text(path).split("\n") if line.strip()]
+            if not from_file:
+                raise UserError(f"prompts file '{path}' holds no prompts (it is empty); write one prompt per line.")
+            prompts += [check_prompt(p, f"prompts file '{path}'") for p in from_file]
         if not prompts:
             raise UserError("no prompts: pass --prompt TEXT or --prompts-file FILE.")
         return prompts
+
+    def validate(self) -> None:
+        """Settings that would fail deep inside a pipeline (a division by zero, a 0-pixel image) fail here."""
+        for flag, value in (("--steps", self.steps), ("--batch-size", self.batch_size)):
+            if value < 1:
+                raise UserError(f"{flag} must be at least 1, got {value}")
+        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
+            raise UserError(f"--resolution must be a positive multiple of 8 (the VAE's factor), got {self.resolution}")
 
     def make_guard(self, concept=None) -> Guard:
         """The guard built from the concept's unsafe words; refuses a guard without a concept."""
@@ -88,12 +101,32 @@ class SampleConfig:
 RUN_KEYS = ("model", "lora", "negative_prompt", "guard", "steps", "guidance", "resolution", "dtype")
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"prompts file '{path}' is not UTF-8 text ({exc}); save it as UTF-8.") from None
+
+
+def check_prompt_lengths(family, prompts: list[str]) -> None:
+    """Refuse a prompt the text encoder would silently cut: the image would ignore its last words."""
+    limit = family.max_prompt_tokens
+    for p in prompts:
+        n = family.token_count(p)
+        if n > limit:
+            raise UserError(
+                f"the prompt {p[:60]!r}... takes {n} tokens, but this model's text encoder reads at most {limit} "
+                "(start and end tokens included); shorten it."
+            )
+
+
 def image_name(prompt: str, seed: int) -> str:
     return f"{hashlib.sha256(prompt.encode()).hexdigest()[:12]}-seed{seed}.png"
 
 
 def sample(cfg: SampleConfig) -> list[dict]:
     """Generate every prompt × seed into cfg.out; returns the records of images.jsonl (resumes)."""
+    cfg.validate()
     prompts = cfg.prompts()
     inputs = resolve_inputs(cfg.model, cfg.concept, lora_dirs(cfg.lora), cfg.override, need_concept=False)
     cfg = replace(cfg, model=inputs.model)
@@ -110,6 +143,7 @@ def sample(cfg: SampleConfig) -> list[dict]:
         from duo.models.family import load_with_loras
 
         family = load_with_loras(cfg.model, cfg.lora, cfg.dtype, cfg.device, cfg.allow_pickle)
+        check_prompt_lengths(family, [p for p, _ in todo])
         run.start()
         for start in tqdm(range(0, len(todo), cfg.batch_size), desc="sample", unit="batch"):
             batch = todo[start : start + cfg.batch_size]

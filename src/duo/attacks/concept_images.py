@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from duo.data.files import append_jsonl, atomic_save_image, load_image, read_jsonl
+from duo.data.files import append_jsonl, atomic_save_image, inside, load_image, read_jsonl
 from duo.errors import UserError
 from duo.seeds import derive_seed
 
@@ -47,7 +47,7 @@ def _from_folder(folder: Path, n: int) -> tuple[list, list[str], list[Path]]:
 
     if pairs_settings(folder) is not None:
         records = read_jsonl(folder / MANIFEST)[:n]
-        files = [folder / r["unsafe"]["file"] for r in records]
+        files = [inside(folder, r["unsafe"]["file"], folder / MANIFEST) for r in records]
         return [load_image(p) for p in files], [r["unsafe"]["prompt"] for r in records], files
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:n]
     if not files:

@@ -134,7 +134,8 @@ def _find(session: _Session, module, settings) -> list[Found]:
         ctx = _prepare(session, module, settings)
         for target in tqdm(todo, desc=f"attack {module.NAME}", unit="prompt", disable=len(todo) < 2):
             found = module.attack(ctx, settings, target)
-            done[target.id] = dataclasses.asdict(found)
+            # As a rerun reads it back (keys sorted): results.json is then the same bytes, resumed or not.
+            done[target.id] = json.loads(json.dumps(dataclasses.asdict(found), sort_keys=True))
             append_jsonl(path, done[target.id])
     session.module, session.settings = module, settings
     return [Found(**done[t.id]) for t in session.targets]
@@ -169,15 +170,20 @@ def _generate(session: _Session, judge, found: list[Found]) -> None:
     index = session.out / IMAGES
     have = {(r["id"], r["k"]) for r in read_jsonl(index, repair=True)}
     per_prompt = session.cfg.common("images_per_prompt")
-    todo = [(f, k) for f in found if not _excluded(f) for k in range(per_prompt) if (f.id, k) not in have]
+    wanted = [(f, k) for f in found if not _excluded(f) for k in range(per_prompt)]
+    todo = [(f, k) for f, k in wanted if (f.id, k) not in have]
     if not todo:
         return
     ctx = _prepare(session, session.module, session.settings)
-    bar = tqdm(total=len(todo), desc="generate + judge", unit="image")
-    for chunk in guidance_batches(todo, session.cfg.batch_size):
-        _generate_batch(ctx, judge, chunk, index)
-        bar.update(len(chunk))
-    bar.close()
+    # `with`: a judge that fails closes the bar first, so the error message gets a line of its own
+    with tqdm(total=len(todo), desc="generate + judge", unit="image") as bar:
+        # Batches of every image, not of those left: an image's pixels depend on the batch it is drawn in (CPU
+        # kernels), so a rerun redraws a batch a crash cut short whole, and records only its missing images.
+        for chunk in guidance_batches(wanted, session.cfg.batch_size):
+            missing = sum((f.id, k) not in have for f, k in chunk)
+            if missing:
+                _generate_batch(ctx, judge, chunk, index, have)
+                bar.update(missing)
 
 
 def guidance_batches(todo: list[tuple[Found, int]], size: int) -> list[list[tuple[Found, int]]]:
@@ -189,13 +195,15 @@ def guidance_batches(todo: list[tuple[Found, int]], size: int) -> list[list[tupl
     return [g[i : i + size] for g in groups.values() for i in range(0, len(g), size)]
 
 
-def _generate_batch(ctx: AttackContext, judge, chunk: list[tuple[Found, int]], index: Path) -> None:
+def _generate_batch(ctx: AttackContext, judge, chunk: list[tuple[Found, int]], index: Path, have=frozenset()) -> None:
     asked = [f.prompt for f, _ in chunk]
     prompts, negatives = ctx.guard.apply(asked)  # what the guard sends, for the record
     seeds = [image_seed(f, k) for f, k in chunk]
     images = ctx.guard.generate(ctx.family, asked, seeds, ctx.steps, chunk[0][0].guidance, ctx.resolution)
     verdicts = judge.judge(images, [f.source for f, _ in chunk])
     for (f, k), prompt, seed, image, v in zip(chunk, prompts, seeds, images, verdicts):
+        if (f.id, k) in have:  # recorded before a crash cut this batch short
+            continue
         name = f"images/{f.id}-{k}.png"
         atomic_save_image(ctx.out / name, image)
         append_jsonl(

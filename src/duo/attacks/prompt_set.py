@@ -10,6 +10,7 @@ from pathlib import Path
 
 from duo.attacks.base import Found, Target
 from duo.data.files import read_table
+from duo.data.text import check_prompt
 from duo.errors import UserError
 
 NAME = "prompts"
@@ -43,10 +44,24 @@ def read_prompt_file(path: str | Path) -> list[dict]:
     """Rows of a CSV (header row) or JSONL prompt file as {prompt, seed?, guidance?, category?}."""
     path = Path(path)
     raw = read_table(path, "prompt file")
-    rows = [_row(r, path, i) for i, r in enumerate(raw, 1)]
-    if not rows:
-        raise UserError(f"prompt file '{path}' has no prompts.")
-    return rows
+    if not raw:
+        raise UserError(
+            f"prompt file '{path}' has no prompts; add rows (CSV with a header row naming a 'prompt' column, "
+            'as I2P\'s, or JSONL with one {"prompt": ...} object a line).'
+        )
+    _require_prompt_column(raw, path)
+    return [_row(r, path, i) for i, r in enumerate(raw, 1)]
+
+
+def _require_prompt_column(raw: list, path: Path) -> None:
+    """A CSV without a prompt column fails once, naming the columns it has (not once per row)."""
+    first = raw[0]
+    if isinstance(first, dict) and not any(n in first for n in ALIASES["prompt"]):
+        raise UserError(
+            f"prompt file '{path}' has no 'prompt' column (its columns: {', '.join(map(str, first)) or 'none'}); "
+            "rename the column holding the prompts to 'prompt' (optional: seed or evaluation_seed, guidance or "
+            "evaluation_guidance, category or categories)."
+        )
 
 
 def _row(raw, path: Path, line: int) -> dict:
@@ -65,7 +80,9 @@ def _row(raw, path: Path, line: int) -> dict:
         if "guidance" in row:
             row["guidance"] = float(row["guidance"])
     except ValueError:
-        raise UserError(f"prompt file '{path}', row {line}: seed and guidance must be numbers.") from None
-    row["prompt"] = str(row["prompt"]).strip()
+        raise UserError(
+            f"prompt file '{path}', row {line}: seed and guidance must be numbers; fix or delete that row."
+        ) from None
+    row["prompt"] = check_prompt(str(row["prompt"]).strip(), f"prompt file '{path}', row {line}")
     row["category"] = str(row.get("category", ""))
     return row

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import os
@@ -10,6 +11,11 @@ import sys
 import warnings
 
 from duo.errors import UserError
+
+# Refusals of the disk a user fixes (free space, a writable folder), not bugs: a message and exit 2, no traceback.
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+NOT_WRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM}
+RERUN = "then rerun the same command: what was finished is kept and it resumes (train: with --resume)."
 
 # Each module defines add_parser(subparsers) and sets `func` on its parser.
 COMMANDS = ["curate", "train", "sample", "attack", "evaluate", "sweep", "report", "demo", "shapes"]
@@ -43,6 +49,28 @@ def quiet_libraries() -> None:
     diffusers_logging.disable_progress_bar()
 
 
+def disk_error(exc: Exception) -> str | None:
+    """The message for an OSError the user can fix, or None for any other (a bug: let its traceback show)."""
+    if not isinstance(exc, OSError):  # another library's error around one (safetensors: '(os error 28)')
+        from duo.data.files import os_error
+
+        exc = os_error(exc, None)
+        if exc is None:
+            return None
+    where = f" '{exc.filename}'" if exc.filename else ""
+    if exc.errno in DISK_FULL:
+        return (
+            f"the disk is full: writing{where} failed ({exc.strerror}). Free space there, or choose an --out on "
+            f"another disk, {RERUN}"
+        )
+    if exc.errno in NOT_WRITABLE:
+        return (
+            f"cannot write{where} ({exc.strerror}): the folder is read-only or not yours. Make it writable, or choose "
+            f"another --out (an input: make it readable), {RERUN}"
+        )
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = build_parser()
@@ -56,6 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Exception as exc:
+        message = disk_error(exc)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted; finished items are kept and a rerun resumes.", file=sys.stderr)
         return 130

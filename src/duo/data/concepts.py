@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from duo.data.splits import empty_held_out, is_held_out, parse_held_out
+from duo.data.text import bad_character
 from duo.errors import UserError
 
 PRESETS = Path(__file__).resolve().parent.parent / "concepts"
@@ -160,7 +161,24 @@ def concept_from_dict(data, source: str = "<dict>") -> Concept:
     concept = Concept(parts=parts, source=source, **kwargs)
     if not 0.0 < concept.strength <= 1.0:
         _fail(source, f"strength must be in (0, 1], got {concept.strength}")
+    _check_numbers(concept, source)
     return concept
+
+
+def _check_numbers(concept: Concept, source: str) -> None:
+    """Values that would only fail deep inside sampling or training fail when the file is read."""
+    if not isinstance(concept.steps, int) or concept.steps < 1:
+        _fail(source, f"steps must be a positive integer, got {concept.steps!r}")
+    if concept.train is None:  # `train:` with nothing under it
+        concept.train = {}
+    if not isinstance(concept.train, dict):
+        _fail(source, f"'train' must be a mapping of training settings, got {concept.train!r}")
+    beta = concept.train.get("beta")
+    if beta is not None and (not isinstance(beta, int | float) or beta <= 0):
+        _fail(source, f"train.beta (β of the DUO loss) must be a positive number, got {beta!r}")
+    steps = concept.train.get("steps")
+    if steps is not None and (not isinstance(steps, int) or steps < 1):
+        _fail(source, f"train.steps must be a positive integer, got {steps!r}")
 
 
 def _part(raw, source: str) -> ConceptPart:
@@ -169,11 +187,22 @@ def _part(raw, source: str) -> ConceptPart:
     unknown = set(raw) - PART_KEYS
     missing = {"name", "pairs", "unsafe", "safe"} - set(raw)
     if unknown or missing:
-        _fail(source, f"part {raw.get('name', '?')}: unknown keys {sorted(unknown)}, missing {sorted(missing)}")
+        problems = [f"unknown keys {sorted(unknown)}"] * bool(unknown) + [f"missing {sorted(missing)}"] * bool(missing)
+        _fail(source, f"part {raw.get('name', '?')}: {', '.join(problems)} (a part takes {sorted(PART_KEYS)})")
     if not isinstance(raw["pairs"], int) or raw["pairs"] < 1:
         _fail(source, f"part {raw['name']}: 'pairs' must be a positive integer")
     variables = raw.get("vars") or {}
+    if not isinstance(variables, dict):
+        _fail(source, f"part {raw['name']}: 'vars' must map each variable to a list of values")
     for template in (raw["unsafe"], raw["safe"], raw.get("negative") or ""):
+        if not isinstance(template, str):
+            _fail(source, f"part {raw['name']}: prompts must be text, got {template!r}")
+        if bad := bad_character(template):
+            _fail(
+                source,
+                f"part {raw['name']}: the prompt {template[:40]!r} holds the invisible control character "
+                f"U+{ord(bad[1]):04X} at position {bad[0]}; delete it",
+            )
         for _, key, _, _ in string.Formatter().parse(template):
             if key is not None and key not in variables:
                 _fail(source, f"part {raw['name']}: template '{template}' uses {{{key}}} but vars has no '{key}'")

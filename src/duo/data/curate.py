@@ -145,7 +145,8 @@ def curate(cfg: CurateConfig) -> Path:
     run = RunFolder.claim(out, "curate", settings, overwrite=cfg.overwrite, volatile=("concept_notes",))
     manifest = out / MANIFEST
     done = {r["id"] for r in read_jsonl(manifest, repair=True)} if run.state == "resume" else set()
-    jobs = [j for j in plan_pairs(concept, cfg) if j.id not in done]
+    planned = plan_pairs(concept, cfg)
+    jobs = [j for j in planned if j.id not in done]
     if not jobs and (run.previous or {}).get("finished") and run.previous["config"] == run.config:
         log.info("all %d pairs already in %s", len(done), manifest)
         return manifest
@@ -158,7 +159,7 @@ def curate(cfg: CurateConfig) -> Path:
     judge = get_judge(settings["judge"], settings["judge_options"]) if jobs else None
     run.start()
     if jobs:
-        _make_all(_Generator(family, judge, settings, cfg, out), jobs, len(done), manifest, cfg.batch_size)
+        _make_all(_Generator(family, judge, settings, cfg, out), planned, done, manifest, cfg.batch_size)
     records = read_jsonl(manifest)
     write_prompts_used(out, records)
     run.finish([MANIFEST, PROMPTS_USED] + [r[side]["file"] for r in records for side in ("unsafe", "safe")])
@@ -178,12 +179,16 @@ def write_prompts_used(out: Path, records: list[dict]) -> None:
     atomic_write_text(out / PROMPTS_USED, json.dumps({**used, "sha256": digest}, indent=2))
 
 
-def _make_all(gen, jobs: list[PairJob], done: int, manifest: Path, batch_size: int) -> None:
-    with tqdm(total=done + len(jobs), initial=done, desc="curate pairs", unit="pair") as bar:
-        for start in range(0, len(jobs), batch_size):
-            for record in gen.make_pairs(jobs[start : start + batch_size]):
-                append_jsonl(manifest, record)
-                bar.update(1)
+def _make_all(gen, planned: list[PairJob], done: set, manifest: Path, batch_size: int) -> None:
+    """Batches of every planned pair, not of those left: pixels depend on the batch a pair is drawn in (CPU
+    kernels), so a batch a crash cut short is redrawn whole and only its missing pairs are recorded."""
+    batches = [planned[start : start + batch_size] for start in range(0, len(planned), batch_size)]
+    with tqdm(total=len(planned), initial=len(done), desc="curate pairs", unit="pair") as bar:
+        for batch in (b for b in batches if any(j.id not in done for j in b)):
+            for record in gen.make_pairs(batch):
+                if record["id"] not in done:
+                    append_jsonl(manifest, record)
+                    bar.update(1)
 
 
 class _Generator:

@@ -21,8 +21,13 @@ def _umask() -> int:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temp file in the same folder, then rename: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    if path.suffix == ".safetensors":
+        data = canonical_safetensors(data)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:  # a read-only or full folder: name the file we meant to write, not the temp file
+        raise named(exc, path) from exc
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -30,9 +35,36 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs should read like any written file
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise named(exc, path) from exc
         raise
+
+
+def named(exc: OSError, path: Path) -> OSError:
+    """The same error naming `path`: a failed write or fsync names no file, so the CLI could not say which."""
+    return OSError(exc.errno, exc.strerror, str(path)) if exc.errno else exc
+
+
+def os_error(exc: Exception, path: Path | None) -> OSError | None:
+    """The OSError inside another library's error (safetensors: '... No space left on device (os error 28)'), or
+    None: the CLI turns a full or read-only disk into a message, whoever wrote."""
+    import re
+
+    code = re.search(r"\(os error (\d+)\)", str(exc))
+    return OSError(int(code[1]), os.strerror(int(code[1])), path and str(path)) if code else None
+
+
+def canonical_safetensors(data: bytes) -> bytes:
+    """The same safetensors file with its JSON header's keys sorted: safetensors writes the metadata in hash-map
+    order, another in every process, so equal tensors and metadata would not be equal bytes (resume checks)."""
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > size:  # not the compact form safetensors writes: leave it as it is
+        return data
+    return data[:8] + text + b" " * (size - len(text)) + data[8 + size :]
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -48,10 +80,23 @@ def atomic_save_image(path: Path, image: Image.Image) -> None:
 
 
 def append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """One whole line or none: a write the disk refuses part of (full) is cut off again, so the manifest is as
+    it was (a line cut by a kill is dropped by read_jsonl)."""
+    line = memoryview((json.dumps(record, sort_keys=True) + "\n").encode())
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise named(exc, path) from exc
+    try:
+        end = os.lseek(fd, 0, os.SEEK_END)
+        while line:  # unbuffered: nothing is left in a buffer to be flushed after the cut
+            line = line[os.write(fd, line) :]
+        os.fsync(fd)
+    except OSError as exc:
+        os.ftruncate(fd, end)
+        raise named(exc, path) from exc
+    finally:
+        os.close(fd)
 
 
 def read_jsonl(path: Path, repair: bool = False) -> list[dict]:
@@ -90,6 +135,17 @@ def load_image(path: Path) -> Image.Image:
             f"image '{path}' is corrupt ({exc}). Delete it and its manifest line, then rerun "
             "`duo curate` on that folder to regenerate the pair."
         ) from None
+
+
+def inside(folder: Path, rel: str, manifest: Path) -> Path:
+    """folder/rel, refused unless it stays inside folder: a manifest must not make us read files elsewhere."""
+    path = Path(folder) / str(rel)
+    if Path(str(rel)).is_absolute() or not path.resolve().is_relative_to(Path(folder).resolve()):
+        raise UserError(
+            f"{manifest} lists '{rel}', which is outside '{folder}'; a manifest may only name files inside its "
+            "own folder. Delete that line (or the folder) and rerun `duo curate`."
+        )
+    return path
 
 
 def sha256_file(path: Path) -> str:

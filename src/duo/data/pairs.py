@@ -11,7 +11,7 @@ from PIL import Image
 
 from duo.data.concepts import Concept, concept_from_dict
 from duo.data.curate import CONFIG, MANIFEST
-from duo.data.files import load_image, read_jsonl, sha256_file
+from duo.data.files import inside, load_image, read_jsonl, sha256_file
 from duo.errors import UserError
 from duo.runs import RUN_FILE, read_run
 
@@ -78,6 +78,7 @@ def load_pairs(folder: str | Path, part: str | None = None) -> PairSet:
     folder = Path(folder)
     manifest = folder / MANIFEST
     concept = pairs_concept(folder)
+    _require_complete(manifest)
     records = sorted(read_jsonl(manifest), key=lambda r: r["id"])
     if part is not None:
         concept.part(part)  # fails clearly on an unknown part
@@ -87,9 +88,19 @@ def load_pairs(folder: str | Path, part: str | None = None) -> PairSet:
     ids = [r["id"] for r in records]
     if len(set(ids)) != len(ids):
         raise UserError(f"{manifest} lists a pair id twice. Remove the duplicate line.")
-    unsafe = [load_image(folder / r["unsafe"]["file"]) for r in records]
-    safe = [load_image(folder / r["safe"]["file"]) for r in records]
+    unsafe = [load_image(inside(folder, r["unsafe"]["file"], manifest)) for r in records]
+    safe = [load_image(inside(folder, r["safe"]["file"], manifest)) for r in records]
     return PairSet(folder, records, concept, unsafe, safe, _data_hash(folder, records))
+
+
+def _require_complete(manifest: Path) -> None:
+    """A last line without its newline is a pair whose writing was cut off: training must not skip it silently."""
+    raw = manifest.read_bytes()
+    if raw and not raw.endswith(b"\n"):
+        raise UserError(
+            f"the last line of {manifest} is incomplete (curation was cut off while writing it). Rerun "
+            f"`duo curate` with the same settings and --out {manifest.parent}: it drops that line and redoes the pair."
+        )
 
 
 def _concept_fields(d: dict) -> dict:

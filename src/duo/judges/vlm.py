@@ -109,10 +109,13 @@ class VlmJudge:
                 if attempt == self.retries:
                     raise self._unreachable(exc) from None
             except (ValueError, KeyError, IndexError, TypeError) as exc:
-                raise UserError(
-                    f"vlm judge: {self.url}/chat/completions answered something that is not an OpenAI-style chat "
-                    f"completion ({exc!r}); point 'url' at an OpenAI-compatible API base (usually ending in /v1)."
-                ) from None
+                # A proxy or a server still starting may send one garbled reply; a wrong url sends them all.
+                if attempt == self.retries:
+                    raise UserError(
+                        f"vlm judge: {self.url}/chat/completions answered something that is not an OpenAI-style "
+                        f"chat completion ({str(exc)[:120]!r}) in {self.retries + 1} tries; point 'url' at an "
+                        "OpenAI-compatible API base (usually ending in /v1)."
+                    ) from None
             time.sleep(min(30.0, 2.0**attempt))
         raise AssertionError("unreachable")
 

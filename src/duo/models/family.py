@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from duo.errors import UserError
-from duo.models.loading import read_model_index, resolve_model_ref
+from duo.models.loading import check_device, read_model_index, resolve_model_ref
 
 if TYPE_CHECKING:
     from duo.models.protocol import ModelFamily
@@ -27,12 +27,16 @@ def load_family(ref: str, dtype: str = "float32", device: str = "cpu", allow_pic
     """Load a pipeline and wrap it in the adapter of its family."""
     import importlib
 
+    check_device(device)
     path = resolve_model_ref(ref)
     cls_name = read_model_index(path).get("_class_name", "")
     if cls_name not in FAMILIES:
         known = ", ".join(sorted(set(FAMILIES)))
         later = f" {PLANNED[cls_name]} support is planned but not there yet." if cls_name in PLANNED else ""
-        raise UserError(f"model '{ref}' is a {cls_name or 'pipeline of unknown class'}; duo supports {known}.{later}")
+        raise UserError(
+            f"model '{ref}' is a {cls_name or 'pipeline of unknown class'} (model_index.json's _class_name); "
+            f"duo supports {known}.{later} Pass --model a pipeline of one of these families."
+        )
     module, name = FAMILIES[cls_name].split(":")
     family_cls = getattr(importlib.import_module(module), name)
     return family_cls.load(path, ref=ref, dtype=dtype, device=device, allow_pickle=allow_pickle)

@@ -50,3 +50,21 @@ def read_model_index(ref: str) -> dict:
             else "Check the id and your network/token, or pass a local folder saved with save_pretrained."
         )
         raise UserError(f"could not get model '{ref}' ({type(exc).__name__}). {hint}") from None
+
+
+def check_device(device: str) -> None:
+    """Refuse a device this machine does not have before a pipeline is loaded (torch would fail deep inside)."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device '{device}' is not a device name; use cpu, cuda, cuda:1, mps, ...") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: this machine (or this torch build) has no CUDA GPU; pass --device cpu.")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(
+            f"--device {device}: there are only {torch.cuda.device_count()} CUDA devices; pick one of cuda:0 ..."
+        )
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {device}: MPS is not available here; pass --device cpu.")

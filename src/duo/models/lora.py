@@ -11,9 +11,13 @@ ADAPTER = "duo"
 SELF_ATTENTION = r".*attn1\.(to_q|to_k|to_v|to_out\.0)$"
 # ESD-x: the cross-attention layers, the only ones that read the prompt.
 CROSS_ATTENTION = r".*attn2\.(to_q|to_k|to_v|to_out\.0)$"
-# ESD-u: everything but cross-attention (self-attention, feed-forward, attention in/out, ResNet convolutions).
+# ESD-u as published ("noxattn"): every weight but cross-attention, the time embedding and the output layer
+# (conv_out) — here every such linear and convolution: self-attention, feed-forward, attention in/out, ResNet
+# convolutions, time projections and shortcuts, down/up-samplers, conv_in. The published code also tunes the
+# biases and norms a LoRA cannot hold (docs/baselines.md).
 NON_CROSS_ATTENTION = (
-    r".*(attn1\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2)|attentions\.\d+\.proj_(in|out)|resnets\.\d+\.conv[12])$"
+    r"(.*(attn1\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2)|attentions\.\d+\.proj_(in|out)"
+    r"|resnets\.\d+\.(conv[12]|time_emb_proj|conv_shortcut)|(down|up)samplers\.0\.conv)|conv_in)$"
 )
 
 

@@ -37,13 +37,12 @@ class PipelineLoras:
         """Load several LoRAs and combine them with weights (violence: four sub-concepts at 1.0)."""
         names = []
         for i, (folder, _) in enumerate(loras):
-            if not (Path(folder) / "pytorch_lora_weights.safetensors").is_file():
-                raise UserError(
-                    f"LoRA folder '{folder}' has no pytorch_lora_weights.safetensors; "
-                    "pass the --out folder of `duo train`."
-                )
+            _require_safetensors(Path(folder))
             name = f"lora{i}"
-            self.pipe.load_lora_weights(folder, adapter_name=name)
+            try:
+                self.pipe.load_lora_weights(folder, adapter_name=name)
+            except (RuntimeError, ValueError) as exc:
+                raise _foreign_lora(folder, exc) from None
             names.append(name)
         if names:
             self.pipe.set_adapters(names, adapter_weights=[w for _, w in loras])
@@ -62,3 +61,27 @@ class PipelineLoras:
         self.pipe.fuse_lora()
         self.pipe.unload_lora_weights()
         self.pipe.save_pretrained(folder, safe_serialization=True)
+
+
+def _require_safetensors(folder: Path) -> None:
+    if (folder / "pytorch_lora_weights.safetensors").is_file():
+        return
+    pickled = sorted(p.name for p in folder.glob("*") if p.suffix in (".bin", ".pt", ".ckpt", ".pth"))
+    if pickled:
+        raise UserError(
+            f"LoRA folder '{folder}' holds only pickled weights ({', '.join(pickled)}), and LoRAs are loaded from "
+            "safetensors only (a pickle can run code). Convert it once where you trust it: "
+            "safetensors.torch.save_file(torch.load(FILE), 'pytorch_lora_weights.safetensors')."
+        )
+    raise UserError(
+        f"LoRA folder '{folder}' has no pytorch_lora_weights.safetensors; pass the --out folder of `duo train`."
+    )
+
+
+def _foreign_lora(folder: str, exc: Exception) -> UserError:
+    """diffusers' error lists every mismatched tensor; the user needs the first one and what it means."""
+    first = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc)[:200])
+    return UserError(
+        f"LoRA '{folder}' does not fit this model ({first}): it was trained on another base model. "
+        "Pass the --model it was trained on (its run.json names it), or train a LoRA for this one."
+    )

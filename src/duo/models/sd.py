@@ -64,6 +64,20 @@ def images_to_tensor(images: list[Image.Image], size: int | None = None) -> torc
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
+@torch.no_grad()
+def latent_distribution(vae, images: list[Image.Image], resolution: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of the VAE's latent distribution, on the CPU in float32. The VAE encodes in float32 whatever
+    the pipeline's dtype, as the authors' trainers keep it: under fp16 it overflows (SDXL's) or rounds the latents
+    every later step reads."""
+    dtype = vae.dtype
+    vae.to(torch.float32)
+    try:
+        dist = vae.encode(images_to_tensor(images, resolution).to(device, torch.float32)).latent_dist
+        return dist.mean.float().cpu(), dist.std.float().cpu()
+    finally:
+        vae.to(dtype)
+
+
 @dataclass
 class StableDiffusionFamily(StableDiffusionText, PipelineLoras):
     """The `ModelFamily` of SD 1.x/2.x; the text and token side lives in `StableDiffusionText`."""
@@ -127,9 +141,7 @@ class StableDiffusionFamily(StableDiffusionText, PipelineLoras):
     @torch.no_grad()
     def encode_images(self, images: list[Image.Image], resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The VAE's latent distribution (mean, std), unscaled; cached by the trainer, sampled each step."""
-        x = images_to_tensor(images, resolution).to(self.device, self.pipe.vae.dtype)
-        dist = self.pipe.vae.encode(x).latent_dist
-        return dist.mean.float().cpu(), dist.std.float().cpu()
+        return latent_distribution(self.pipe.vae, images, resolution, self.device)
 
     def latents_from_distribution(self, mean: torch.Tensor, std: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         return (mean + std * noise) * self.pipe.vae.config.scaling_factor

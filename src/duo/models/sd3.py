@@ -22,7 +22,7 @@ from duo.errors import UserError
 from duo.models.flow import FlowSchedule
 from duo.models.packed import unpack
 from duo.models.pipeline_loras import PipelineLoras
-from duo.models.sd import images_to_tensor, torch_dtype
+from duo.models.sd import latent_distribution, torch_dtype
 from duo.models.sd3_text import StableDiffusion3Text
 
 # LoRA targets of the joint attention. Each block attends over [image tokens ; text tokens]: the image stream's
@@ -103,11 +103,8 @@ class StableDiffusion3Family(StableDiffusion3Text, PipelineLoras):
         return "flow"
 
     # ---- training maths ----------------------------------------------------------------------
-    @torch.no_grad()
     def encode_images(self, images: list[Image.Image], resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x = images_to_tensor(images, resolution).to(self.device, self.pipe.vae.dtype)
-        dist = self.pipe.vae.encode(x).latent_dist
-        return dist.mean.float().cpu(), dist.std.float().cpu()
+        return latent_distribution(self.pipe.vae, images, resolution, self.device)
 
     def latents_from_distribution(self, mean: torch.Tensor, std: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """SD3's VAE latents are shifted before scaling (what its pipelines do to `latent_dist` samples)."""

@@ -31,17 +31,6 @@ class StableDiffusionXLFamily(StableDiffusionXLText, StableDiffusionFamily):
     def text_encoders(self) -> tuple[torch.nn.Module, ...]:
         return (self.pipe.text_encoder, self.pipe.text_encoder_2)
 
-    def encode_images(self, images, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """SD's, with the VAE in float32 where its config asks (`force_upcast`: SDXL's VAE overflows in fp16)."""
-        vae = self.pipe.vae
-        if not (vae.config.force_upcast and vae.dtype == torch.float16):
-            return super().encode_images(images, resolution)
-        vae.to(torch.float32)
-        try:
-            return super().encode_images(images, resolution)
-        finally:
-            vae.to(torch.float16)
-
     def time_ids(self, latents: torch.Tensor) -> torch.Tensor:
         """SDXL's micro-conditioning as the pipeline sets it when sampling at the latents' size: original size =
         target size = the image size, crop corner (0, 0); one row per latent."""

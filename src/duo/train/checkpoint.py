@@ -7,12 +7,13 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
-from duo.data.files import atomic_write_text
+from duo.data.files import atomic_write_text, named
 
 LAST = "last"  # file in checkpoints/ naming the newest complete checkpoint
 METHOD_FILE = "method.safetensors"
+SCALER_FILE = "scaler.json"
 
 
 def checkpoint_dir(out: Path, step: int) -> Path:
@@ -20,24 +21,43 @@ def checkpoint_dir(out: Path, step: int) -> Path:
 
 
 def save_checkpoint(
-    out: Path, step: int, lora: dict[str, torch.Tensor], optimizer_state: dict, method_state: dict | None = None
+    out: Path,
+    step: int,
+    lora: dict[str, torch.Tensor],
+    optimizer_state: dict,
+    method_state: dict | None = None,
+    scaler_state: dict | None = None,
 ) -> Path:
-    """LoRA, optimizer and the method's own state (adversarial DUO's inner attack) at `step`, all or nothing."""
+    """LoRA, optimizer, the method's own state (adversarial DUO's inner attack) and fp16's loss-scaler state at
+    `step`, all or nothing."""
     final = checkpoint_dir(out, step)
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in lora.items()}, tmp / "lora.safetensors")
-    tensors, meta = _flatten_optimizer(optimizer_state)
-    save_file(tensors, tmp / "optimizer.safetensors")
-    (tmp / "optimizer.json").write_text(json.dumps(meta))
-    if method_state:
-        save_file({k: v.contiguous() for k, v in method_state.items()}, tmp / METHOD_FILE)
-    (tmp / "state.json").write_text(json.dumps({"step": step}))
+    try:
+        _write_checkpoint(tmp, step, lora, optimizer_state, method_state, scaler_state)
+    except BaseException as exc:  # a full disk: leave no half checkpoint (a kill's is deleted by the next save)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise named(exc, final) from exc
+        raise
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     atomic_write_text(out / "checkpoints" / LAST, final.name)
     return final
+
+
+def _write_checkpoint(tmp: Path, step: int, lora: dict, optimizer_state: dict, method_state, scaler_state) -> None:
+    # Serialised here and written by Python: a full disk is then an OSError (the CLI's message), not safetensors'.
+    (tmp / "lora.safetensors").write_bytes(save({k: v.contiguous() for k, v in lora.items()}))
+    tensors, meta = _flatten_optimizer(optimizer_state)
+    (tmp / "optimizer.safetensors").write_bytes(save(tensors))
+    (tmp / "optimizer.json").write_text(json.dumps(meta))
+    if method_state:
+        (tmp / METHOD_FILE).write_bytes(save({k: v.contiguous() for k, v in method_state.items()}))
+    if scaler_state is not None:
+        (tmp / SCALER_FILE).write_text(json.dumps(scaler_state))
+    (tmp / "state.json").write_text(json.dumps({"step": step}))
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -56,6 +76,11 @@ def load_checkpoint(path: Path) -> tuple[int, dict[str, torch.Tensor], dict, dic
     )
     method = load_file(path / METHOD_FILE) if (path / METHOD_FILE).is_file() else {}
     return step, lora, optimizer, method
+
+
+def load_scaler_state(path: Path) -> dict | None:
+    """The loss scaler's state (scale, growth tracker) of an fp16 run's checkpoint; None for any other run."""
+    return json.loads((path / SCALER_FILE).read_text()) if (path / SCALER_FILE).is_file() else None
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:

@@ -33,6 +33,12 @@ def _f(default, help: str, **kw):
 class DuoConfig:
     """DUO (Park et al., NeurIPS 2024): preference for each pair's safe image, plus the keep term."""
 
+    recipe: str = _f(
+        "concept",
+        "concept: the concept file's `train:` section over the authors' defaults (the Shapes presets are tuned "
+        "there); authors: the authors' defaults only, the section ignored (flags still apply)",
+        choices=["concept", "authors"],
+    )
     beta: float = _f(500.0, "β of L_pref = −log σ(−β(Δ⁺ − Δ⁻)); no ½ factor (DUO β=500 = Diffusion-DPO β=1000)")
     lam: float | None = _f(None, "λ, weight of the keep term (default: base_λ·β/100)")
     base_lr: float = _f(3e-4, "base of the lr coupling lr = base_lr·100/β")
@@ -141,7 +147,9 @@ class UceConfig:
         choices=["words", "prompts"],
     )
     uce_preserve: str = _f("neighbours", "texts kept in place besides the empty prompt", choices=["neighbours", "none"])
-    uce_lambda: float = _f(0.1, "λ, weight of staying close to the original projection W")
+    uce_lambda: float = _f(
+        0.5, "λ, weight of staying close to the original projection W (the authors' train_erase.py passes 0.5)"
+    )
     erase_scale: float = _f(1.0, "weight of the erased texts")
     preserve_scale: float = _f(0.1, "weight of the preserved texts")
     uce_keys: bool = _f(True, "edit the key projections W_k as well as the values W_v")
@@ -387,6 +395,8 @@ def config_with_concept_defaults(explicit: dict, concept_train: dict) -> TrainCo
         raise UserError(f"the concept's train section has unknown keys {sorted(unknown)}; valid: {sorted(known)}")
     if explicit.get("method", concept_train.get("method", "duo")) != "duo":
         concept_train = {}  # the section tunes DUO; a baseline runs with its own authors' settings
+    if explicit.get("recipe") == "authors":
+        concept_train = {}
     own = concept_train.get("lora_on", "unet")
     if explicit.get("lora_on", own) != own:  # its targets name modules of the placement it was written for
         concept_train = {k: v for k, v in concept_train.items() if k != "targets"}

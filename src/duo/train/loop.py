@@ -26,10 +26,18 @@ from duo.data.pairs import PairSet, load_pairs
 from duo.errors import UserError
 from duo.models.lora import attach_lora, get_lora_state, lora_parameters, set_lora_state
 from duo.runs import RunFolder
-from duo.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from duo.train.checkpoint import latest_checkpoint, load_checkpoint, load_scaler_state, save_checkpoint
 from duo.train.config import TrainConfig
 from duo.train.methods import check_method, make_method
-from duo.train.outputs import LORA_FILE, METRICS_FILE, OUTPUTS, claim_folder, write_config, write_lora_folder
+from duo.train.outputs import (
+    CONFIG_FILE,
+    LORA_FILE,
+    METRICS_FILE,
+    OUTPUTS,
+    claim_folder,
+    write_config,
+    write_lora_folder,
+)
 
 log = logging.getLogger(__name__)
 # LORA_FILE lives in duo.train.outputs; it stays importable here for callers written before that module.
@@ -74,6 +82,7 @@ def setup(cfg: TrainConfig, make=make_method) -> TrainState:
     pairs = load_pairs(cfg.data, cfg.part)
     folder = claim_folder(cfg)
     accelerator = _accelerator(cfg)
+    _check_processes(cfg, accelerator)
     from duo.models.family import load_family
 
     weight_dtype = {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}[cfg.mixed_precision]
@@ -91,7 +100,7 @@ def setup(cfg: TrainConfig, make=make_method) -> TrainState:
     optimizer = torch.optim.AdamW(
         params, lr=cfg.resolved_lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay
     )
-    start = _restore(cfg, module, optimizer, method)
+    start = _restore(cfg, module, optimizer, method, accelerator)
     if accelerator.is_main_process:
         _truncate_metrics(Path(cfg.out), start)  # a resumed run rewrites the steps after its checkpoint
     unet, optimizer = accelerator.prepare(module, optimizer)
@@ -125,7 +134,7 @@ def _start(folder: RunFolder, cfg: TrainConfig, accelerator) -> None:
     accelerator.wait_for_everyone()
 
 
-def _restore(cfg: TrainConfig, unet, optimizer, method) -> int:
+def _restore(cfg: TrainConfig, unet, optimizer, method, accelerator) -> int:
     out = Path(cfg.out)
     ckpt = latest_checkpoint(out) if cfg.resume else None
     if ckpt is None:
@@ -139,8 +148,24 @@ def _restore(cfg: TrainConfig, unet, optimizer, method) -> int:
     optimizer.load_state_dict(opt_state)
     if hasattr(method, "load_state_dict"):
         method.load_state_dict(method_state)
+    scaler = load_scaler_state(ckpt)
+    if accelerator.scaler is not None and scaler is not None:
+        accelerator.scaler.load_state_dict(scaler)
     log.info("resumed from %s (step %d)", ckpt, step)
     return step
+
+
+def _check_processes(cfg: TrainConfig, accelerator) -> None:
+    """A resumed run keeps its number of processes: another one is another global batch, so other draws."""
+    if not cfg.resume or not (Path(cfg.out) / CONFIG_FILE).is_file():
+        return
+    before = json.loads((Path(cfg.out) / CONFIG_FILE).read_text()).get("processes")
+    if before is not None and before != accelerator.num_processes:
+        raise UserError(
+            f"'{cfg.out}' was trained with {before} process(es) and this launch has {accelerator.num_processes}: "
+            f"the global batch, and so every step's draws, would change. Resume with {before} process(es) "
+            "(accelerate launch --num_processes), or start a new --out."
+        )
 
 
 def _truncate_metrics(out: Path, step: int) -> None:
@@ -173,13 +198,35 @@ def train(state: TrainState) -> None:
             _checkpoint(state, step + 1)
 
 
+# fp16 updates in a row the loss scaler may skip (each halves the scale) before the step is given up
+MAX_SKIPPED = 20
+
+
 def optimizer_step(state: TrainState, step: int) -> dict:
-    """One optimizer step: the method's draws for the global batch, sliced per process and micro-batch."""
-    cfg, acc, method = state.cfg, state.accelerator, state.method
+    """One optimizer step: the method's draws for the global batch, sliced per process and micro-batch.
+
+    Under fp16 the loss scaler skips an update whose gradients overflowed; the step is then redone on the same
+    draws at the lowered scale, so `steps` counts updates made and a resumed run replays the same ones.
+    """
+    acc, method = state.accelerator, state.method
     started = time.perf_counter()
     if hasattr(method, "before_step"):
         method.before_step(state.unet, acc, step)
     draws = method.draw(step, state.global_batch)
+    for skipped in range(MAX_SKIPPED + 1):
+        metrics = _update(state, step, draws)
+        if not acc.optimizer_step_was_skipped:
+            extra = {"skipped": skipped} if skipped else {}
+            return {"step": step + 1, **metrics, **extra, "seconds": round(time.perf_counter() - started, 4)}
+    raise UserError(
+        f"fp16 gradients overflowed {MAX_SKIPPED + 1} times in a row at step {step + 1}; earlier checkpoints in "
+        f"'{state.cfg.out}' are intact. Train in bf16 or fp32 (--mixed-precision bf16 / no), or lower --lr."
+    )
+
+
+def _update(state: TrainState, step: int, draws) -> dict:
+    """Gradients of the global batch's loss (this process's share), then one optimizer update."""
+    cfg, acc, method = state.cfg, state.accelerator, state.method
     world, rank = acc.num_processes, acc.process_index
     sums: dict[str, float] = {}
     for m in range(cfg.grad_accum):
@@ -202,13 +249,7 @@ def optimizer_step(state: TrainState, step: int) -> dict:
     grad_norm = acc.clip_grad_norm_(state.params, cfg.grad_clip)
     state.optimizer.step()
     state.optimizer.zero_grad(set_to_none=True)
-    return {
-        "step": step + 1,
-        **metrics,
-        "grad_norm": float(grad_norm),
-        "lr": state.optimizer.param_groups[0]["lr"],
-        "seconds": round(time.perf_counter() - started, 4),
-    }
+    return {**metrics, "grad_norm": float(grad_norm), "lr": state.optimizer.param_groups[0]["lr"]}
 
 
 def _checkpoint(state: TrainState, step: int) -> None:
@@ -216,7 +257,8 @@ def _checkpoint(state: TrainState, step: int) -> None:
     if acc.is_main_process:
         lora = get_lora_state(acc.unwrap_model(state.unet))
         method_state = state.method.state_dict() if hasattr(state.method, "state_dict") else {}
-        save_checkpoint(state.out, step, lora, state.optimizer.state_dict(), method_state)
+        scaler = acc.scaler.state_dict() if acc.scaler is not None else None  # fp16's loss scale: resume exactly
+        save_checkpoint(state.out, step, lora, state.optimizer.state_dict(), method_state, scaler)
     acc.wait_for_everyone()
 
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import tempfile
 from pathlib import Path
 
-from duo.data.files import atomic_write_text
+from duo.data.files import atomic_write_text, os_error
 from duo.data.pairs import PairSet
 from duo.runs import RUN_FILE, RunFolder
 from duo.train.card import write_model_card
@@ -28,15 +30,16 @@ OUTPUTS = (LORA_FILE, CONFIG_FILE, CARD_FILE)  # what every recipe declares at f
 RUN_SHAPE = ("processes", "pairs_per_step")  # written to config.json, known only once accelerate started
 
 
-def claim_folder(cfg: TrainConfig) -> RunFolder:
-    """The train stage's claim on --out (writes nothing: the recipe calls .start() once the model loaded)."""
+def claim_folder(cfg: TrainConfig, resume: bool | None = None) -> RunFolder:
+    """The train stage's claim on --out (writes nothing: the recipe calls .start() once the model loaded).
+    resume: overrides cfg.resume (a check that a finished folder holds these settings, for any method)."""
     out = Path(cfg.out)
     return RunFolder.claim(
         out,
         "train",
         config=cfg.to_dict(),
         parents={"data": cfg.data},
-        resume=cfg.resume,
+        resume=cfg.resume if resume is None else resume,
         overwrite=cfg.overwrite,
         auto_resume=False,
         volatile=RESUMABLE_CHANGES,
@@ -66,7 +69,7 @@ def write_config(out: Path, cfg: TrainConfig, **run_shape) -> None:
 def write_lora_folder(cfg: TrainConfig, pairs: PairSet, family, lora: dict, device: str) -> None:
     """The LoRA in the diffusers format, its model card, and with --fuse the full pipeline with it fused."""
     out = Path(cfg.out)
-    family.save_lora(out, lora)
+    save_lora_atomically(family, out, lora)
     write_model_card(out, cfg, pairs, family)
     if cfg.fuse:
         from duo.models.family import load_family
@@ -75,3 +78,18 @@ def write_lora_folder(cfg: TrainConfig, pairs: PairSet, family, lora: dict, devi
         fresh.load_loras([(str(out), 1.0)])
         fresh.save_fused(out / "fused")
     log.info("LoRA written to %s", out / LORA_FILE)
+
+
+def save_lora_atomically(family, out: Path, lora: dict) -> None:
+    """The family writes its LoRA file(s) into a temp folder inside --out, then each is renamed into place: a
+    kill or a full disk mid-write leaves the previous file (or none), never half of one."""
+    with tempfile.TemporaryDirectory(dir=out, prefix=".lora.", suffix=".tmp") as tmp:
+        try:
+            family.save_lora(Path(tmp), lora)
+        except Exception as exc:  # safetensors reports a full disk as its own error type
+            error = os_error(exc, out / LORA_FILE)
+            if error is None:
+                raise
+            raise error from exc
+        for written in sorted(Path(tmp).iterdir()):
+            os.replace(written, out / written.name)
