@@ -38,6 +38,22 @@ def test_run_folder_resumes_refuses_and_overwrites_only_its_own(tmp_path):
     assert (foreign / "chapter.tex").read_text() == "years of work"
 
 
+def test_a_resume_sweeps_the_temporaries_a_killed_atomic_write_left(tmp_path):
+    out = tmp_path / "run"
+    RunFolder.claim(out, "sample", {"a": 1}).start()
+    (out / "images").mkdir()
+    left = [out / ".results.json.k2j4.tmp", out / "images" / ".0-0.png.x9.tmp", out / ".lora.ab12.tmp"]
+    left[-1].mkdir()
+    (left[-1] / "pytorch_lora_weights.safetensors").write_bytes(b"half")
+    for path in left[:2]:
+        path.write_text("half")
+    kept = [out / "images" / "0-0.png", out / "notes.tmp", out / ".hidden"]
+    for path in kept:
+        path.write_text("mine")
+    RunFolder.claim(out, "sample", {"a": 1}).start()
+    assert not any(p.exists() for p in left) and all(p.read_text() == "mine" for p in kept)
+
+
 def test_parents_are_named_by_hash_and_checked(tmp_path):
     parent = tmp_path / "parent"
     p = RunFolder.claim(parent, "curate", {}).start()

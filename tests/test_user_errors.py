@@ -139,11 +139,17 @@ def test_nan_loss_stops_with_checkpoints_intact(tiny_model, pairs_dir, tmp_path)
         "--checkpoint-every",
         1,
     )
-    assert_user_error(result, "loss became", "Lower --lr")
+    assert_user_error(result, "loss became", "lower --lr", "--resume")
     assert not (out / "pytorch_lora_weights.safetensors").exists()
     kept = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step-"))
     assert kept and kept[-1] < "step-0000030"
     assert (out / "checkpoints" / "last").read_text() == kept[-1]
+    assert f"the last good checkpoint, {out / 'checkpoints' / kept[-1]}, is kept" in result.stderr
+    # --resume continues from that checkpoint (here the same lr diverges at the same step again)
+    again = duo("train", "--model", tiny_model, "--data", pairs_dir, "--out", out, "--steps", 30, "--lr", "1e30",
+                "--checkpoint-every", 1, "--resume")  # fmt: skip
+    assert_user_error(again, "loss became", kept[-1])
+    assert f"step {int(kept[-1].split('-')[1])})" in again.stderr  # the log line "resumed from ... (step N)"
 
 
 def test_empty_timestep_range_is_refused_before_writing(tiny_model, pairs_dir, tmp_path):

@@ -103,6 +103,16 @@ def _digest(files: dict) -> str:
     return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
 
 
+def _sweep_temporaries(folder: Path) -> None:
+    """The `.NAME.xxxx.tmp` files (and `.lora.xxxx.tmp/` folders) an atomic write leaves when killed inside it:
+    only ours carry that shape, and nothing reads them, so a resumed run removes them."""
+    for path in sorted(folder.rglob(".*.tmp"), reverse=True):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
 def parent_record(path: str | Path) -> dict:
     """What a child records of a folder it read: where it is, what kind of run made it, and its hash."""
     path = Path(path)
@@ -237,6 +247,7 @@ class RunFolder:
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
         if self.state == "resume" and self.previous is not None:
+            _sweep_temporaries(self.path)
             record = {**self.previous, "config": self.config, "parents": self.parents}
             record.update(resumed=now(), finished=None, outputs=None)
         else:

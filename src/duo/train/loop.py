@@ -242,9 +242,12 @@ def _update(state: TrainState, step: int, draws) -> dict:
     reduced = acc.reduce(torch.tensor(list(sums.values()), device=acc.device), "mean")
     metrics = dict(zip(sums, reduced.tolist()))
     if not torch.isfinite(reduced).all():
+        last = latest_checkpoint(Path(cfg.out))
+        kept = f"the last good checkpoint, {last}, is kept" if last else "no checkpoint was written before it"
         raise UserError(
-            f"the loss became {metrics['loss']} at step {step + 1}. Earlier checkpoints in "
-            f"'{cfg.out}' are intact. Lower --lr (or --beta for DUO), or train in fp32 (--mixed-precision no)."
+            f"the loss became {metrics['loss']} at step {step + 1}; {kept}. A transient overflow: rerun with "
+            "--resume to continue from it. Otherwise lower --lr (or --beta for DUO) or train in fp32 "
+            "(--mixed-precision no), into a new --out."
         )
     grad_norm = acc.clip_grad_norm_(state.params, cfg.grad_clip)
     state.optimizer.step()
