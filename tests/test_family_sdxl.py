@@ -375,5 +375,5 @@ def test_an_sld_guard_on_sdxl_exits_2_naming_cause_and_fix(sdxl_model, concept, 
             "--steps", "2", "--out", str(tmp_path / "s")]  # fmt: skip
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert "SD 1.x only" in err and "negprompt" in err and "Traceback" not in err
+    assert "SD 1.x/2.x pipelines only" in err and "negprompt" in err and "Traceback" not in err
     assert not list((tmp_path / "s").glob("**/*.png"))

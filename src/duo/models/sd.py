@@ -64,6 +64,15 @@ def images_to_tensor(images: list[Image.Image], size: int | None = None) -> torc
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
+def no_safe_latent_diffusion(ref: str, title: str) -> UserError:
+    """SLD exists in diffusers for SD 1.x/2.x pipelines only: the guard is refused on any other family."""
+    return UserError(
+        f"Safe Latent Diffusion (the sld, sld-weak, sld-strong and sld-max guards) exists in diffusers for SD 1.x/2.x "
+        f"pipelines only, and '{ref}' is {title}. Use --guard none, negprompt or wordfilter with this model, or run "
+        "the SLD guard on an SD 1.x model."
+    )
+
+
 @torch.no_grad()
 def latent_distribution(vae, images: list[Image.Image], resolution: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, std) of the VAE's latent distribution, on the CPU in float32. The VAE encodes in float32 whatever

@@ -22,7 +22,7 @@ from duo.errors import UserError
 from duo.models.flow import FlowSchedule
 from duo.models.packed import unpack
 from duo.models.pipeline_loras import PipelineLoras
-from duo.models.sd import latent_distribution, torch_dtype
+from duo.models.sd import latent_distribution, no_safe_latent_diffusion, torch_dtype
 from duo.models.sd3_text import StableDiffusion3Text
 
 # LoRA targets of the joint attention. Each block attends over [image tokens ; text tokens]: the image stream's
@@ -168,10 +168,7 @@ class StableDiffusion3Family(StableDiffusion3Text, PipelineLoras):
         safe_guidance: dict | None = None,
     ) -> list[Image.Image]:
         if safe_guidance is not None:
-            raise UserError(
-                f"Safe Latent Diffusion (guard 'sld-*') exists for SD 1.x/2.x pipelines only, and '{self.ref}' is "
-                f"{self.title}; use another guard (none, negprompt, wordfilter) with this model."
-            )
+            raise no_safe_latent_diffusion(self.ref, self.title)
         res = resolution or self.native_resolution
         if prompt_embeds is not None:
             states, pooled = unpack(prompt_embeds.to(self.device, self.dtype), self.pooled_dim)

@@ -11,9 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from duo.errors import UserError
 from duo.models.packed import unpack
-from duo.models.sd import StableDiffusionFamily
+from duo.models.sd import StableDiffusionFamily, no_safe_latent_diffusion
 from duo.models.sdxl_text import StableDiffusionXLText
 
 
@@ -51,11 +50,7 @@ class StableDiffusionXLFamily(StableDiffusionXLText, StableDiffusionFamily):
         return {"prompt_embeds": states, "pooled_prompt_embeds": pooled}
 
     def _safe_text2image(self, prompts, negative_prompts, sampling: dict, safe_guidance: dict):
-        raise UserError(
-            f"Safe Latent Diffusion (the sld, sld-weak, sld-strong and sld-max guards) exists in diffusers for "
-            f"SD 1.x only, and '{self.ref}' is Stable Diffusion XL. Use --guard negprompt or wordfilter here, or "
-            "run the SLD guard on an SD 1.x model."
-        )
+        raise no_safe_latent_diffusion(self.ref, self.title)
 
     def _img2img_pipeline(self):
         from diffusers import StableDiffusionXLImg2ImgPipeline
