@@ -241,6 +241,9 @@ CASES = [
     ("dtype-unknown", sample("--dtype", "float8"), ["unknown dtype 'float8'", "use one of"]),
     ("device-absent", sample("--device", "cuda:99"), ["--device cuda:99", "cuda"]),
     ("attack-budget-unknown", attack_prompts(None, "--budget", "huge"), ["--budget must be one of small, paper"]),
+    ("evaluate-one-neutral-prompt", lambda w: ["evaluate", "--model", "shapes", "--concept", "shapes-red",
+                                               "--n-prompts", 1, "--out", w.out()],
+     ["--n-prompts must be at least 2", "FID compares sets of images"]),
     ("judge-options-not-json", attack_prompts(None, "--judge-options", "{preset: rece9"),
      ["--judge-options is not valid JSON", "write e.g."]),
     ("judge-option-unknown", attack_prompts(None, "--judge", "vlm", "--judge-options", '{"urll": "http://x"}'),
@@ -320,8 +323,8 @@ def shapes_attack(tmp_path_factory):
 
 def test_evaluate_refuses_an_attack_on_another_model(world, capsys, shapes_attack):
     argv = ["evaluate", "--model", world.model, "--concept", "shapes-red", "--attacks", shapes_attack]
-    argv += ["--out", world.out(), "--n-prompts", 1, "--steps", 1, "--lpips", "shapes"]
-    argv += ["--prompts-file", world.file("neutral.txt", "a blue square\n")]
+    argv += ["--out", world.out(), "--n-prompts", 2, "--steps", 1, "--lpips", "shapes"]
+    argv += ["--prompts-file", world.file("neutral.txt", "a blue square\na green circle\n")]
     before = tree_digest(shapes_attack)
     expect_user_error(capsys, argv, ["ran against", "evaluate each model with its own attacks"], world.root)
     assert tree_digest(shapes_attack) == before and not world.out().exists()

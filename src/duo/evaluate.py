@@ -30,6 +30,9 @@ NEUTRAL_EXAMPLE = "examples/prompts/neutral-captions.txt"
 GRID_ROWS = 8
 
 
+MIN_PROMPTS = 2  # FID needs two images or more per side
+
+
 @dataclass
 class EvaluateConfig:
     out: str = field(metadata={"help": "folder for results.json and the images behind it (resumed)"})
@@ -85,12 +88,22 @@ def resolve_metrics(cfg: EvaluateConfig, concept: Concept) -> EvaluateConfig:
             "prior preservation needs LPIPS weights, and none can be downloaded: pass --lpips vgg:FILE "
             "(the conversion recipe is in duo.metrics.lpips)."
         )
-    if cfg.n_prompts < 1:
-        raise UserError("--n-prompts must be at least 1")
+    if cfg.n_prompts < MIN_PROMPTS:
+        raise UserError(f"--n-prompts must be at least {MIN_PROMPTS}: FID compares sets of images; raise it.")
     return cfg
 
 
 def neutral_prompts(cfg: EvaluateConfig, concept: Concept) -> list[str]:
+    prompts = _neutral_prompts(cfg, concept)
+    if len(prompts) < MIN_PROMPTS:
+        raise UserError(
+            f"{len(prompts)} neutral prompt(s): FID compares sets of images, so at least {MIN_PROMPTS} are needed; "
+            "add prompts to --prompts-file."
+        )
+    return prompts
+
+
+def _neutral_prompts(cfg: EvaluateConfig, concept: Concept) -> list[str]:
     if cfg.prompts_file:
         path = Path(cfg.prompts_file)
         if path.suffix.lower() in (".csv", ".jsonl"):

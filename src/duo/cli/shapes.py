@@ -119,7 +119,7 @@ def run_eval_base(args) -> int:
     if args.judge and not Path(args.judge).is_file():
         raise UserError(f"--judge {args.judge}: file not found; give a judge .safetensors or omit it.")
     torch.set_num_threads(1)
-    pipe = StableDiffusionPipeline.from_pretrained(path, local_files_only=True)
+    pipe = StableDiffusionPipeline.from_pretrained(path, local_files_only=True, use_safetensors=True)
     res = evaluate_base(
         pipe,
         load_judge(args.judge) if args.judge else None,

@@ -56,7 +56,8 @@ def _load(model: str):
         raise UserError(f"clip judge model folder '{model}' does not exist; give a CLIP checkpoint folder or hub id.")
     src = str(local) if local else model
     try:
-        return CLIPModel.from_pretrained(src).eval(), CLIPTokenizer.from_pretrained(src), Processor.from_pretrained(src)
+        model_ = CLIPModel.from_pretrained(src, use_safetensors=True).eval()
+        return model_, CLIPTokenizer.from_pretrained(src), Processor.from_pretrained(src)
     except (OSError, ValueError) as exc:
         raise UserError(
             f"could not load CLIP checkpoint '{model}' ({str(exc).splitlines()[0]}). Offline, it must already be "

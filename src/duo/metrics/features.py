@@ -92,7 +92,7 @@ class ClipFeatures:
         self.batch_size = batch_size
         self.device = torch.device(device)
         try:
-            self.model = CLIPModel.from_pretrained(self.ref).to(self.device).eval()
+            self.model = CLIPModel.from_pretrained(self.ref, use_safetensors=True).to(self.device).eval()
             self.processor = CLIPImageProcessorPil.from_pretrained(self.ref)
             self.tokenizer = CLIPTokenizer.from_pretrained(self.ref)
         except Exception as exc:  # missing folder, offline cache miss, wrong files: one message for the user

@@ -30,7 +30,7 @@ def pp_limits(values: list[float]) -> tuple[float, float]:
 
 def _finish(plt, fig, grid, axes, attacks: list[str], pp_values: list[float]) -> bytes:
     for ax, attack in zip(axes, attacks):
-        ax.set_title(attack)
+        ax.set_title(attack, parse_math=False)  # run text is data: "$$" or "$\\x$" must not reach mathtext
         ax.set_xlabel("prior preservation (PP) →")
         ax.set_xlim(*pp_limits(pp_values))
         ax.set_ylim(-0.03, 1.03)
@@ -40,7 +40,11 @@ def _finish(plt, fig, grid, axes, attacks: list[str], pp_values: list[float]) ->
     handles, labels = axes[0].get_legend_handles_labels()
     unique = dict(zip(labels, handles))
     if unique:
-        fig.legend(unique.values(), unique.keys(), loc="outside lower center", ncol=min(4, len(unique)), frameon=False)
+        legend = fig.legend(
+            unique.values(), unique.keys(), loc="outside lower center", ncol=min(4, len(unique)), frameon=False
+        )
+        for text in legend.get_texts():
+            text.set_parse_math(False)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
@@ -83,5 +87,6 @@ def dsr_pp_figure(runs: list[dict], attacks: list[str]) -> bytes:
                 textcoords="offset points",
                 xytext=(5, 4),
                 fontsize=8,
+                parse_math=False,
             )
     return _finish(plt, fig, grid, axes, attacks, pp_values)

@@ -71,7 +71,7 @@ def write_quality(out: Path, judge_net, result: dict, t_start: float, log) -> di
     """Phase 5: measure the saved pipeline and write quality.json next to it."""
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(out / "pipeline")
+    pipe = StableDiffusionPipeline.from_pretrained(out / "pipeline", use_safetensors=True)
     quality = evaluate_base(pipe, judge_net)
     result["timings"]["total_s"] = time.time() - t_start
     result = {"quality": quality, **result}

@@ -208,7 +208,7 @@ def train_unet(run: UnetRun, data: Latents, steps: int, batch: int, lr: float, s
     """Train (or resume) to `steps` or the time budget -> the trainer; its last state is the caller's to save."""
     trainer = UnetTrainer(run.tokenizer, lr, seed)
     if run.ckpt_path.exists():
-        trainer.load(torch.load(run.ckpt_path, weights_only=False))
+        trainer.load(torch.load(run.ckpt_path, weights_only=True))
         run.log(f"unet: resumed from checkpoint at step {trainer.step}")
     schedule = Schedule(lr, steps, minutes)
     last_ckpt = last_eval = time.time()

@@ -59,7 +59,7 @@ def vae_phase(work: Path, images: torch.Tensor, steps: int, seed: int, log):
 
     vae_dir = work / "vae"
     if (vae_dir / "config.json").exists():
-        vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+        vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True).eval()
         log("vae: resumed from work/vae")
     else:
         vae = train_vae(images, steps, seed, log)
