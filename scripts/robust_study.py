@@ -47,6 +47,7 @@ VARIANTS = {
     "DUO-adv ud anchored": {"adversarial": "unlearndiff", "adv_vectors": 5, "lam_uncond": 1e4},
     # both adversaries, rounds taking turns: the soft-prompt row held CI/soft, the unlearndiff row UD/RAB/prompts
     "DUO-adv soft+ud anchored": {**DUO_ADV, "adversarial": "soft-prompt+unlearndiff"},
+    "DUO-adv soft+ud all anchored": {**DUO_ADV, "adversarial": "soft-prompt+unlearndiff", "adv_rounds": "all"},
     "AdvUnlearn": ADVUNLEARN,  # the robust anchor to beat: the compare row's settings
 }
 ATTACKS = {

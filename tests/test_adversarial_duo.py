@@ -126,6 +126,12 @@ def test_two_adversaries_take_turns_and_resume_exactly(tiny_model, pairs_dir, tm
     assert_same_weights(lora_weights(straight), lora_weights(half))
     assert [m["loss"] for m in metrics(straight)] == [m["loss"] for m in metrics(half)]
     assert "soft-prompt+unlearndiff (rounds take turns)" in (straight / "README.md").read_text()
+    rounds.clear()  # --adv-rounds all: every adversary each round
+    every = run(tiny_model, pairs_dir, tmp_path / "all", steps=2, **{**both, "adv_rounds": "all"})
+    assert [(kind, step) for kind, step, _ in rounds] == [
+        ("soft-prompt", 0), ("unlearndiff", 0), ("soft-prompt", 1), ("unlearndiff", 1)
+    ]  # fmt: skip
+    assert "(all refreshed each round)" in (every / "README.md").read_text()
 
 
 def test_fresh_rounds_restart_and_persistent_rounds_continue(tiny_model, pairs_dir, tmp_path, monkeypatch):

@@ -26,7 +26,8 @@ Placement (`--adversarial`):
 
 Several placements joined with '+' (`soft-prompt+unlearndiff`) are several adversaries, each with its own
 placeholder tokens and vectors; their rounds take turns (round k refreshes adversary k mod n, so the inner attack
-costs what one does) and every pair is trained under each one's current prompt.
+costs what one does; `--adv-rounds all` refreshes each every round instead) and every pair is trained under each
+one's current prompt.
 
 The whole state is a function of (seed, step): each round draws from its own generator seeded by the round's
 step, and the vectors and Adam moments are checkpointed with the LoRA, so `--resume` continues exactly.
@@ -83,10 +84,11 @@ class Adversary:
         self.emb = self._encode()
 
     def due(self, step: int, of: int = 1) -> bool:
-        """A round every adv_every steps; with `of` adversaries their rounds take turns (the cost of one)."""
+        """A round every adv_every steps; with `of` adversaries their rounds take turns (the cost of one), unless
+        --adv-rounds all refreshes every adversary each round."""
         if step % self.cfg.adv_every:
             return False
-        return (step // self.cfg.adv_every) % of == self.number
+        return self.cfg.adv_rounds == "all" or (step // self.cfg.adv_every) % of == self.number
 
     def refresh(self, policy: torch.nn.Module, step: int) -> None:
         """One round: adv_steps Adam steps on the vectors against `policy` (gradients reach the vectors only)."""

@@ -18,7 +18,8 @@ METHOD_NAMES = {
 def _adversary(c) -> str:
     if c.adversarial == "none":
         return "none"
-    turns = " (rounds take turns)" if "+" in c.adversarial else ""
+    rounds = {"turns": " (rounds take turns)", "all": " (all refreshed each round)"}[c.adv_rounds]
+    turns = rounds if "+" in c.adversarial else ""
     return (
         f"{c.adversarial}{turns}: {c.adv_vectors} vector(s), {c.adv_steps} steps at lr {c.adv_lr} every {c.adv_every} "
         f"({c.adv_init}), batch {c.adv_batch}, weight {c.adv_weight}"

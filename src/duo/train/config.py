@@ -101,6 +101,12 @@ class DuoConfig:
         "random vocabulary rows (fresh)",
         choices=["persistent", "fresh"],
     )
+    adv_rounds: str = _f(
+        "turns",
+        "with several adversaries (a+b): their rounds take turns, one adversary a round (turns: the inner attack "
+        "costs what one does), or each round refreshes them all (all)",
+        choices=["turns", "all"],
+    )
 
     @property
     def adversary_kinds(self) -> list[str]:
