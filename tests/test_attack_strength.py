@@ -34,8 +34,8 @@ def test_ring_a_bell_and_concept_inversion_get_past_a_word_filter(tmp_path):
 
 
 def test_white_box_attacks_get_past_a_negative_prompt(tmp_path):
+    # Concept Inversion's fast check is the word filter's above; against the negative prompt it is in the slow test
     assert asr(tmp_path, "unlearndiff", "negprompt") >= 0.8
-    assert asr(tmp_path, "concept-inversion", "negprompt") >= 0.8
 
 
 STRICT = {"exclude_unsafe_words": True}  # Ring-A-Bell never naming red: what a word filter cannot stop

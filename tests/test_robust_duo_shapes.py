@@ -34,9 +34,11 @@ def reduced_pairs(tmp_path_factory):
 
 
 def _concept_inversion_dsr(lora, out) -> float:
+    # model and concept named: the shipped folders hold the LoRA and its card, not the lineage that names them
     cfg = AttackConfig(
-        out=str(out), lora=[str(lora)], n_prompts=4, images_per_prompt=8, threads=torch.get_num_threads()
-    )
+        out=str(out), model="shapes", concept="shapes-red", lora=[str(lora)], n_prompts=4, images_per_prompt=8,
+        threads=torch.get_num_threads(),
+    )  # fmt: skip
     return run_attack("concept-inversion", cfg, train_steps=CI_STEPS)["dsr"]["rate"]
 
 
