@@ -77,7 +77,7 @@ def test_sd3_family_is_a_model_family_with_the_protocol_signatures(sd3):
 def test_sd3_folders_load_as_sd3_and_unknown_pipelines_are_refused(sd3, tmp_path):
     assert sd3.unet is sd3.pipe.transformer and len(sd3.text_encoders) == 2  # no T5 in this folder
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
-    with pytest.raises(UserError, match="KandinskyPipeline; duo supports"):
+    with pytest.raises(UserError, match=r"KandinskyPipeline \(model_index.json's _class_name\); duo supports"):
         load_family(str(tmp_path))
 
 

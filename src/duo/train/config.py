@@ -17,10 +17,9 @@ import math
 from dataclasses import dataclass, field, fields
 
 from duo.errors import UserError
+from duo.train.adversary_checks import adversary_checks
 from duo.train.advunlearn_config import AdvUnlearnConfig, advunlearn_checks
 
-# The inner attacks of `--adversarial`; how each places its vectors: duo.train.adversary.
-ADVERSARIES = ("none", "concept-inversion", "soft-prompt", "unlearndiff")
 # DUO's `--lora-on` values and the module each names (MethodSpec.module's values).
 LORA_PLACEMENTS = {"unet": "unet", "text-encoder": "text_encoder"}
 
@@ -351,24 +350,7 @@ def _duo_checks(c: TrainConfig) -> list[tuple[bool, str]]:
             c.lam_uncond == 0 or c.conditioning != "empty",
             "--lam-uncond anchors the c∅ branch that --conditioning empty trains: use concept or mixed, or drop it",
         ),
-        *_adversary_checks(c),
-    ]
-
-
-def _adversary_checks(c: TrainConfig) -> list[tuple[bool, str]]:
-    adv = [f for f in fields(DuoConfig) if f.name.startswith("adv_")]  # adv_init's choices: checked by validate
-    changed = [f"--{_flag(f.name)}" for f in adv if getattr(c, f.name) != f.default]
-    kinds = c.adversary_kinds
-    return [
-        (
-            c.adversarial == "none" or (set(kinds) <= set(ADVERSARIES[1:]) and len(set(kinds)) == len(kinds)),
-            f"--adversarial must be none or one or more of {list(ADVERSARIES[1:])} joined with '+', each once; "
-            f"got {c.adversarial!r}",
-        ),
-        (c.adversarial != "none" or not changed, f"{', '.join(changed)} only apply with --adversarial; drop them"),
-        (min(c.adv_every, c.adv_steps, c.adv_vectors, c.adv_batch) >= 1, "--adv-every/-steps/-vectors/-batch: ≥ 1"),
-        (c.adv_lr > 0, "--adv-lr must be positive"),
-        (c.adv_weight > 0, "--adv-weight must be positive"),
+        *adversary_checks(c),
     ]
 
 
