@@ -1,6 +1,6 @@
 """Fault injection (issue 15): SIGKILL each command at a random moment, rerun it, compare with an uninterrupted run.
 
-    python scripts/fault_inject.py --trials 20 --commands train curate --work /tmp/faults --seed 0
+    python scripts/fault_inject.py --trials 20 --commands train curate --work runs/faults --seed 0
 
 For each command: one uninterrupted run into WORK/<command>/reference, then per trial a run into
 WORK/<command>/trial-<i> killed (SIGKILL, the whole process group) after a delay drawn uniformly in
