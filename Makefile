@@ -17,14 +17,17 @@ demo: $(STAMP)
 compare: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/duo demo --compare
 
+# Two workers of one OpenMP thread each: most tests are single-threaded Python, and two 2-thread workers on two
+# cores slow each other down several-fold.
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q
+	OMP_NUM_THREADS=1 $(VENV)/bin/python -m pytest -q -n 2 --dist worksteal --durations=15
 
 test-slow: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -m slow
 
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/train_step.py
+	$(VENV)/bin/python benchmarks/curate_throughput.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -32,9 +32,9 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # train_step.py's pairs writer, also when imported
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # step_fixtures.py's pairs writer, also when imported
 
-from train_step import write_pairs  # noqa: E402
+from step_fixtures import write_pairs  # noqa: E402
 
 # Native resolution and default pairs per step: SD 1.5 2 pairs (6 rows of 64×64 latents), SDXL and SD3 one
 # (3 rows of 128×128 latents), so that the activations kept for the backward fit an 80 GB H100 without
@@ -68,14 +68,14 @@ def build(name: str, folder: Path, smoke: bool, device: str) -> dict[str, int]:
     return {}
 
 
-def setup_duo(pipeline: Path, data: Path, out: Path, pairs: int, device: str, mixed_precision: str):
+def setup_duo(pipeline: Path, data: Path, out: Path, pairs: int, device: str, mixed_precision: str, compile=False):
     """`duo.train.loop.setup()` as `duo train --method duo` calls it: the state `optimizer_step` runs on."""
     from duo.train.config import TrainConfig
     from duo.train.loop import setup
 
     cfg = TrainConfig(
         model=str(pipeline), data=str(data), out=str(out), batch_size=pairs, grad_accum=1, device=device,
-        mixed_precision=mixed_precision, steps=1000,
+        mixed_precision=mixed_precision, steps=1000, compile=compile,
     )  # fmt: skip
     return setup(cfg)
 
@@ -152,7 +152,7 @@ def run_model(name: str, args) -> dict:
             torch.cuda.empty_cache()  # one is what the step uses
         write_pairs(Path(tmp) / "pairs", pairs, resolution)
         state = setup_duo(Path(tmp) / "pipe", Path(tmp) / "pairs", Path(tmp) / "out", pairs, device,
-                          "no" if args.smoke else "bf16")  # fmt: skip
+                          "no" if args.smoke else "bf16", args.compile == "on")  # fmt: skip
         setup_s = time.perf_counter() - t0
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -165,7 +165,8 @@ def run_model(name: str, args) -> dict:
         gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
         peak = peak_tflops(gpu) if device == "cuda" else None
         return {
-            "model": name, "device": gpu, "resolution": resolution, "pairs": pairs, "rows": rows,
+            "model": name, "compile": args.compile, "device": gpu, "resolution": resolution, "pairs": pairs,
+            "rows": rows,
             "params": counts, "lora_layers": lora_layer_count(state.unet), "setup_s": setup_s,
             "median_s": median, "times": times, "peak_gb": peak_gb, "peak_is": "cuda" if device == "cuda" else "VmHWM",
             "row_fwd_gflops": row_flops / 1e9, "step_tflops": step_flops / 1e12,
@@ -185,11 +186,13 @@ def child(name: str, args) -> int:
 
 def run_in_child(name: str, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--warmup", str(args.warmup),
-           "--steps", str(args.steps)] + (["--pairs", str(args.pairs)] if args.pairs else [])  # fmt: skip
+           "--steps", str(args.steps), "--compile", args.compile]  # fmt: skip
+    cmd += ["--pairs", str(args.pairs)] if args.pairs else []
+    timeout = args.model_timeout * (2 if args.compile == "on" else 1)  # compilation happens in the warm-up
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.model_timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:  # the other models still run
-        return {"model": name, "error": f"killed after {args.model_timeout} s: {str(exc.stderr or '')[-1500:]}"}
+        return {"model": name, "error": f"killed after {timeout} s: {str(exc.stderr or '')[-1500:]}"}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode or not lines:
         return {"model": name, "error": f"rc={proc.returncode}: {proc.stderr[-1500:]}"}
@@ -202,7 +205,8 @@ def report(row: dict) -> str:
     params = ", ".join(f"{k} {v / 1e6:.1f} M" for k, v in row["params"].items())
     mfu = "n/a" if row["mfu"] is None else f"{100 * row['mfu']:.1f} %"
     return (
-        f"{row['model']} @ {row['resolution']} px on {row['device']}: {row['pairs']} pairs = {row['rows']} rows, "
+        f"{row['model']} @ {row['resolution']} px on {row['device']}, compile {row['compile']}: "
+        f"{row['pairs']} pairs = {row['rows']} rows, "
         f"{row['lora_layers']} LoRA layers; median {row['median_s']:.3f} s/step "
         f"(min {min(row['times']):.3f}, max {max(row['times']):.3f}, {len(row['times'])} timed), "
         f"peak {row['peak_gb']:.2f} GB ({row['peak_is']}); forward {row['row_fwd_gflops']:.4g} GFLOP/row, "
@@ -220,8 +224,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps (the first also counts FLOPs)")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--model-timeout", type=int, default=150, help="seconds before a model's child is killed")
+    p.add_argument(
+        "--compile", choices=["off", "on", "both"], default="both",
+        help="duo train --compile: off, on, or both (each model twice; --smoke: off unless asked)",
+    )  # fmt: skip
     p.add_argument("--child", choices=list(MODELS), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    modes = {"both": ["off", "on"]}.get(args.compile, [args.compile])
     if args.warmup < 1 or args.steps < 1:
         p.error("--warmup and --steps must be ≥ 1")
     if args.child:
@@ -231,7 +240,10 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(1)
         args.steps = min(args.steps, 2)
-        rows = [run_model(name, args) for name in args.models]
+        modes = ["off"] if "--compile" not in (argv if argv is not None else sys.argv) else modes
+        rows = [
+            run_model(name, argparse.Namespace(**{**vars(args), "compile": m})) for name in args.models for m in modes
+        ]
     else:
         import torch
 
@@ -239,8 +251,9 @@ def main(argv: list[str] | None = None) -> int:
             p.error("no CUDA device: run with --smoke on a CPU")
         rows = []
         for name in args.models:
-            rows.append(run_in_child(name, args))
-            print(report(rows[-1]), flush=True)
+            for mode in modes:
+                rows.append(run_in_child(name, argparse.Namespace(**{**vars(args), "compile": mode})))
+                print(report(rows[-1]), flush=True)
     if args.smoke:
         for row in rows:
             print(report(row), flush=True)

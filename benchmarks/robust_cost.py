@@ -2,10 +2,13 @@
 
     .venv/bin/python benchmarks/robust_cost.py --pairs runs/demo/pairs                 # preset steps, 2 rounds
     .venv/bin/python benchmarks/robust_cost.py --pairs runs/demo/pairs --steps 100     # quicker
+    .venv/bin/python benchmarks/robust_cost.py --pairs runs/demo/pairs --variants DUO "DUO-adv soft+ud all"
 
 Both variants are the whole `duo train` command on the same Shapes pairs, seed and thread count: plain DUO
 is the pairs' concept preset (shapes-red), DUO-adv the preset plus make compare's DUO-adv flags
-(`duo.shapes.world.DUO_ADV`: the soft-prompt inner attack and the unconditional anchor), so start-up,
+(`duo.shapes.world.DUO_ADV`: the soft-prompt inner attack and the unconditional anchor), the soft+ud variants
+those of docs/robust_duo.md's two-adversary finalists (rounds taking turns, or both refreshed every round,
+`--adv-rounds all`), so start-up,
 encoding caches and checkpointing are in both. Rounds alternate the order (A B, B A, ...) because these
 machines drift by ±20 % within minutes; one runs while the other is idle. Reported: each variant's median
 wall seconds and the median of the per-round ratios DUO-adv / DUO (the issue's target: ≤ 3×).
@@ -22,6 +25,14 @@ import time
 from pathlib import Path
 
 from duo.shapes.world import DUO_ADV
+
+BOTH = {**DUO_ADV, "adversarial": "soft-prompt+unlearndiff"}
+VARIANTS = {
+    "DUO": {},
+    "DUO-adv": DUO_ADV,
+    "DUO-adv soft+ud turns": BOTH,
+    "DUO-adv soft+ud all": {**BOTH, "adv_rounds": "all"},
+}
 
 
 def flags(settings: dict) -> list[str]:
@@ -42,8 +53,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=None, help="override the preset's steps (both variants)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["DUO", "DUO-adv"])
     args = parser.parse_args()
-    variants = {"DUO": [], "DUO-adv": flags(DUO_ADV)}
+    variants = {name: flags(VARIANTS[name]) for name in dict.fromkeys(["DUO", *args.variants])}
     seconds: dict[str, list[float]] = {name: [] for name in variants}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
@@ -52,11 +64,12 @@ def main() -> None:
                 out = Path(tmp) / f"{name}-{r}"
                 seconds[name].append(run(args.pairs, out, variants[name], args.steps, args.threads))
                 print(f"round {r} {name}: {seconds[name][-1]:.1f} s", flush=True)
-    ratios = [a / b for a, b in zip(seconds["DUO-adv"], seconds["DUO"], strict=True)]
     for name, values in seconds.items():
-        print(f"{name:8s} median {statistics.median(values):.1f} s over {len(values)} runs")
-    each = ", ".join(f"{x:.2f}" for x in ratios)
-    print(f"DUO-adv / DUO: median per-round ratio {statistics.median(ratios):.2f} ({each})")
+        print(f"{name:22s} median {statistics.median(values):.1f} s over {len(values)} runs")
+    for name in list(variants)[1:]:
+        ratios = [a / b for a, b in zip(seconds[name], seconds["DUO"], strict=True)]
+        each = ", ".join(f"{x:.2f}" for x in ratios)
+        print(f"{name} / DUO: median per-round ratio {statistics.median(ratios):.2f} ({each})")
 
 
 if __name__ == "__main__":

@@ -43,3 +43,16 @@ def pairs_dir(tiny_model, concept_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("pairs") / "pairs"
     curate(CurateConfig(model=tiny_model, concept=concept_file, out=str(out)))
     return str(out)
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """A command run in-process with --threads sets torch's thread count for the whole process; under
+    `pytest -n 2` (make test) a later test left with two threads per worker oversubscribes two cores and runs
+    several times slower. Every test starts with the worker's count (OMP_NUM_THREADS)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)

@@ -6,6 +6,7 @@ prompt. Reduced budget here (8 targets × 2 images); the slow test runs the smal
 """
 
 import pytest
+import torch
 
 from duo.attacks import run_attack
 from duo.attacks.base import AttackConfig
@@ -19,7 +20,7 @@ def asr(tmp_path, attack: str, guard: str, n_prompts: int = 8, **settings) -> fl
         guard=guard,
         n_prompts=n_prompts,
         images_per_prompt=2 if n_prompts == 8 else None,
-        threads=2,
+        threads=torch.get_num_threads(),
     )
     result = run_attack(attack, cfg, **settings)
     print(f"{attack} against {guard}: ASR {result['asr']:.3f} (n={result['dsr']['n']})")  # shown with -s

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from duo.attacks import AttackConfig, run_attack
 from duo.errors import UserError
@@ -10,7 +11,11 @@ from duo.evaluate import EvaluateConfig, evaluate
 
 
 def test_identical_models_preserve_everything(tmp_path):
-    r = evaluate(EvaluateConfig(model="shapes", concept="shapes-red", out=str(tmp_path / "e"), n_prompts=6, threads=2))
+    r = evaluate(
+        EvaluateConfig(
+            model="shapes", concept="shapes-red", out=str(tmp_path / "e"), n_prompts=6, threads=torch.get_num_threads()
+        )
+    )
     assert r["preservation"]["pp"] == pytest.approx(1.0, abs=1e-6)  # LoRAs off twice: the same images
     assert r["fid"]["original"]["fid"] == pytest.approx(0.0, abs=1e-6)
     assert r["neighbours"]["lpips"] == pytest.approx(0.0, abs=1e-6)
@@ -51,7 +56,7 @@ def test_guarded_model_with_its_attack(tmp_path):
         guard="negprompt",
         attacks=[str(attack)],
         n_prompts=6,
-        threads=2,
+        threads=torch.get_num_threads(),
     )
     r = evaluate(cfg)
     cell = r["attacks"]["prompts"]

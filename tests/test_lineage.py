@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from duo.attacks import AttackConfig, run_attack
 from duo.cli.main import main
@@ -77,12 +78,16 @@ def shapes_lora(tmp_path_factory):
     curate(CurateConfig(model="shapes", concept="shapes-red", out=str(pairs), pairs=2, batch_size=2))
     loras = [root / f"lora{i}" for i in range(2)]
     for i, lora in enumerate(loras):
-        train(resolve_config(model="shapes", data=str(pairs), out=str(lora), steps=2, seed=i, threads=2))
+        train(
+            resolve_config(
+                model="shapes", data=str(pairs), out=str(lora), steps=2, seed=i, threads=torch.get_num_threads()
+            )
+        )
     return pairs, loras
 
 
 def small_attack(out, **kw):
-    return AttackConfig(out=str(out), n_prompts=2, images_per_prompt=1, threads=2, **kw)
+    return AttackConfig(out=str(out), n_prompts=2, images_per_prompt=1, threads=torch.get_num_threads(), **kw)
 
 
 def test_attack_reads_model_and_concept_from_the_lora_and_names_its_parents(shapes_lora, tmp_path):
@@ -112,7 +117,7 @@ def test_evaluate_refuses_a_rerun_with_another_lora_and_attacks_of_another_lora(
     _, (first, second) = shapes_lora
     attack = tmp_path / "attack"
     run_attack("prompts", small_attack(attack, lora=[str(first)]))
-    cfg = dict(out=str(tmp_path / "eval"), n_prompts=2, threads=2)
+    cfg = dict(out=str(tmp_path / "eval"), n_prompts=2, threads=torch.get_num_threads())
     r = evaluate(EvaluateConfig(lora=[str(first)], attacks=[str(attack)], **cfg))
     parents = r["lineage"]["parents"]
     assert parents["lora0"]["hash"] == content_hash(first) and parents["attack:0"]["hash"] == content_hash(attack)

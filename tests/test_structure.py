@@ -16,7 +16,7 @@ SRC = Path(__file__).resolve().parent.parent / "src"
 # features and world registration with the judges and metrics, its demo half with the evaluation).
 LAYERS = [
     ["duo.errors", "duo.seeds", "duo.objectives", "duo.worlds", "duo.models.lora_spec"],
-    ["duo.data.files", "duo.runs"],
+    ["duo.data.files", "duo.runs", "duo.shard"],
     ["duo.models", "duo.guards"],
     ["duo.shapes"],
     ["duo.judges", "duo.metrics", "duo.shapes.concept_judge", "duo.shapes.features", "duo.shapes.evaluation"],
@@ -24,7 +24,7 @@ LAYERS = [
     ["duo.data", "duo.sample"],
     ["duo.train"],
     ["duo.attacks"],
-    ["duo.evaluate", "duo.report", "duo.shapes.demo"],
+    ["duo.evaluate", "duo.evaluate_images", "duo.report", "duo.shapes.demo"],
     ["duo.compare", "duo.sweep", "duo.demo"],
     ["duo.cli", "duo.__main__"],
 ]

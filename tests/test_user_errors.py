@@ -1,17 +1,46 @@
-"""User errors exit with code 2, name the cause and the fix, and leave earlier outputs untouched."""
+"""User errors exit with code 2, name the cause and the fix, and leave earlier outputs untouched.
+
+`duo` runs the CLI in this process (`duo.cli.main.main`, stdout/stderr and the log captured): a subprocess per
+call costs seconds of imports. `test_a_real_process_exits_2` checks the exit code of a real `python -m duo`.
+"""
 
 import hashlib
+import io
+import logging
 import subprocess
 import sys
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
 
+from duo.cli.main import main
 
-def duo(*args, timeout=300):
-    return subprocess.run(
-        [sys.executable, "-m", "duo", *map(str, args)], capture_output=True, text=True, timeout=timeout
-    )
+
+def duo(*args) -> subprocess.CompletedProcess:
+    """`duo ARGS` in this process: its exit code, stdout and stderr (log lines included, as a terminal shows)."""
+    out, err = io.StringIO(), io.StringIO()
+    root, handler = logging.getLogger(), logging.StreamHandler(err)
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as exc:  # argparse: --help, bad flags
+                code = exc.code
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def test_a_real_process_exits_2(concept_file, tmp_path):
+    command = ["curate", "--model", tmp_path / "nope", "--concept", concept_file, "--out", tmp_path / "o"]
+    result = subprocess.run([sys.executable, "-m", "duo", *map(str, command)], capture_output=True, text=True)
+    assert_user_error(result, "nope", "not found")
+    assert not (tmp_path / "o").exists()
 
 
 def tree_digest(folder: Path) -> str:

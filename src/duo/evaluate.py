@@ -8,22 +8,20 @@ only computes what is missing. DSR comes from `duo attack` folders, never recomp
 from __future__ import annotations
 
 import json
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
+from duo import shard
 from duo.data.concepts import Concept
-from duo.data.files import append_jsonl, atomic_save_image, atomic_write_text, load_image, read_jsonl
+from duo.data.files import atomic_write_text, load_image
 from duo.data.lineage import lora_lineage, lora_parents, resolve_inputs, same_model
 from duo.data.text import check_prompt
 from duo.errors import UserError
+from duo.evaluate_images import Images, attack_originals
 from duo.guards import GUARDS, make_guard
 from duo.models.lora_spec import lora_dirs, parse_lora_spec
 from duo.runs import RunFolder, content_hash, package_versions, read_run
-from duo.seeds import derive_seed
 from duo.worlds import world_for
 
 NEUTRAL_EXAMPLE = "examples/prompts/neutral-captions.txt"
@@ -122,56 +120,6 @@ def _neutral_prompts(cfg: EvaluateConfig, concept: Concept) -> list[str]:
     raise UserError(f"pass --prompts-file with neutral prompts (COCO-style captions), e.g. {NEUTRAL_EXAMPLE}.")
 
 
-class _Images:
-    """Original and unlearned images per (group, prompt, seed), generated once and kept on disk."""
-
-    def __init__(self, cfg: EvaluateConfig, concept: Concept, out: Path):
-        self.cfg, self.concept, self.out, self.family, self.guard = cfg, concept, out, None, None
-        self.index = out / "images.jsonl"
-        self.records = {(r["group"], r["model"], r["i"]): r for r in read_jsonl(self.index, repair=True)}
-
-    def _load(self):
-        if self.family is None:
-            from duo.models.family import load_with_loras
-
-            c = self.cfg
-            self.family = load_with_loras(c.model, c.lora, c.dtype, c.device, threads=c.threads)
-            self.guard = make_guard(self.cfg.guard, self.concept.unsafe_words)
-        return self.family
-
-    def get(self, group: str, prompts: list[str]) -> tuple[list, list]:
-        size = self.cfg.batch_size
-        for model in ("original", "unlearned"):
-            # Batches of every prompt, not of those left: pixels depend on the batch an image is drawn in (CPU
-            # kernels), so a batch a crash cut short is redrawn whole and only its missing images are recorded.
-            batches = [range(start, min(start + size, len(prompts))) for start in range(0, len(prompts), size)]
-            todo = [b for b in batches if any((group, model, i) not in self.records for i in b)]
-            for batch in tqdm(todo, desc=f"{group}: {model}", leave=False):
-                self._generate(group, model, prompts, list(batch))
-        return tuple(
-            [load_image(self.out / self.records[(group, m, i)]["file"]) for i in range(len(prompts))]
-            for m in ("original", "unlearned")
-        )
-
-    def _generate(self, group: str, model: str, prompts: list[str], idx: list[int]) -> None:
-        family, c = self._load(), self.cfg
-        texts = [prompts[i] for i in idx]
-        guard = self.guard if model == "unlearned" else make_guard("none", [])
-        steps, guidance = c.steps or self.concept.steps, c.guidance or self.concept.guidance
-        seeds = [derive_seed(c.seed, "evaluate", group, i) for i in idx]
-        run = family.loras_off() if model == "original" and c.lora else nullcontext()
-        with run:
-            images = guard.generate(family, texts, seeds, steps, guidance, self.concept.resolution)
-        for i, seed, image in zip(idx, seeds, images):
-            if (group, model, i) in self.records:  # recorded before a crash cut this batch short
-                continue
-            rel = f"images/{group}/{model}/{i:04d}.png"
-            atomic_save_image(self.out / rel, image)
-            record = {"group": group, "model": model, "i": i, "prompt": prompts[i], "seed": seed, "file": rel}
-            append_jsonl(self.index, record)
-            self.records[(group, model, i)] = record
-
-
 def evaluate(cfg: EvaluateConfig) -> dict:
     inputs = resolve_inputs(cfg.model, cfg.concept, lora_dirs(cfg.lora), cfg.override)
     cfg, concept = replace(cfg, model=inputs.model), inputs.concept
@@ -192,8 +140,13 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         cell = attack_summary(Path(folder), cfg, loras)
         key = attack_key(cell)
         attacks[key if key not in attacks else Path(folder).name] = cell
-    run.start()
-    images = _Images(cfg, concept, run.path)
+    shard.init(cfg.device)
+    shard.start(run)
+    images = Images(cfg, concept, run.path)
+    images.make([("neutral", prompts)] + ([("neighbours", concept.neighbours)] if concept.neighbours else []))
+    if not shard.is_main():  # the metrics are main's: wait for its results.json
+        shard.barrier()
+        return json.loads((run.path / "results.json").read_text())
     results = _measure(cfg, concept, images, prompts)
     results["attacks"] = attacks
     for name, cell in attacks.items():
@@ -207,6 +160,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     )
     atomic_write_text(run.path / "results.json", json.dumps(results, indent=2))
     run.finish(["results.json", "images.jsonl"])
+    shard.barrier()
     return results
 
 
@@ -235,7 +189,7 @@ def _parents(cfg: EvaluateConfig) -> dict:
     return {**parents, "prompts_file": cfg.prompts_file, "reference_images": cfg.reference}
 
 
-def _measure(cfg: EvaluateConfig, concept: Concept, images: _Images, prompts: list[str]) -> dict:
+def _measure(cfg: EvaluateConfig, concept: Concept, images: Images, prompts: list[str]) -> dict:
     """Everything measured on generated images: preservation, neighbours, FID, alignment, CLIP score."""
     from duo.metrics import clip_score, fid, get_features, get_lpips, lpips_distance
 
@@ -289,30 +243,7 @@ def _alignment(cfg: EvaluateConfig, concept: Concept, original, unlearned, promp
     }
 
 
-def attack_originals(images: _Images, cell: dict) -> list[dict]:
-    """The attack's prompts on the original model (LoRAs off, no guard, same seeds): the grid's left column."""
-    from duo.attacks.concept_inversion import EMBEDS, FOLDER, install_token
-
-    examples = cell.pop("examples")
-    family = images._load()
-    learned = Path(cell["results"]).parent / FOLDER / EMBEDS
-    if learned.is_file():  # the prompts carry the learned token: install it (the LoRAs stay off below)
-        install_token(family, cell["settings"]["token"], None, learned)
-    for i, ex in enumerate(examples):
-        # Popped whether or not the image is drawn: a rerun that finds it on disk writes the same results.json.
-        guidance = ex.pop("guidance") or images.concept.guidance
-        rel = f"images/attack-{cell['hash'][:12]}/original/{i:04d}.png"  # keyed by content: never stale
-        if not (images.out / rel).is_file():
-            with family.loras_off() if images.cfg.lora else nullcontext():
-                image = family.text2image(
-                    [ex["prompt"]], [ex["seed"]], cell["sampling"]["steps"], guidance, cell["sampling"]["resolution"],
-                )[0]  # fmt: skip
-            atomic_save_image(images.out / rel, image)
-        ex["original"] = rel
-    return examples
-
-
-def _grid(images: _Images, group: str, prompts: list[str]) -> list[dict]:
+def _grid(images: Images, group: str, prompts: list[str]) -> list[dict]:
     return [
         {
             "prompt": p,

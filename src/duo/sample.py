@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from duo import shard
 from duo.data.files import append_jsonl, atomic_save_image, read_jsonl
 from duo.data.lineage import lora_parents, resolve_inputs
 from duo.data.text import check_prompt
@@ -136,30 +137,48 @@ def sample(cfg: SampleConfig) -> list[dict]:
     settings = json.loads(json.dumps({k: getattr(cfg, k) for k in RUN_KEYS} | {"guard": guard.provenance()}))
     parents = lora_parents(cfg.lora)
     run = RunFolder.claim(out, "sample", settings, parents, overwrite=cfg.overwrite, overrides=inputs.overrides)
-    records = read_jsonl(index, repair=True) if run.state == "resume" else []
-    done = {(r["prompt"], r["seed"]) for r in records}
-    todo = [(p, s) for p in dict.fromkeys(prompts) for s in cfg.seeds if (p, s) not in done]
-    if todo:
-        from duo.models.family import load_with_loras
+    shard.init(cfg.device)
+    done = {(r["prompt"], r["seed"]) for r in shard.recorded(index)} if run.state == "resume" else set()
+    planned = list(dict.fromkeys((p, s) for p in prompts for s in cfg.seeds))  # a repeated seed: one image
+    todo = [item for item in planned if item not in done]
+    # A run a crash stopped after its last image but before it finished has nothing to draw, and still finishes.
+    if todo or not (run.previous or {}).get("finished"):
+        family = None
+        if todo:
+            from duo.models.family import load_with_loras
 
-        family = load_with_loras(cfg.model, cfg.lora, cfg.dtype, cfg.device, cfg.allow_pickle)
-        check_prompt_lengths(family, [p for p, _ in todo])
-        run.start()
-        for start in tqdm(range(0, len(todo), cfg.batch_size), desc="sample", unit="batch"):
-            batch = todo[start : start + cfg.batch_size]
-            negatives = [cfg.negative_prompt] * len(batch) if cfg.negative_prompt else None
-            images = guard.generate(
-                family,
-                [p for p, _ in batch],
-                [s for _, s in batch],
-                cfg.steps,
-                cfg.guidance,
-                cfg.resolution,
-                negative_prompts=negatives,
-            )
-            for (prompt, seed), image in zip(batch, images):
-                name = image_name(prompt, seed)
-                atomic_save_image(out / name, image)
-                append_jsonl(index, {"file": name, "prompt": prompt, "seed": seed, **settings})
-        run.finish(["images.jsonl"] + [r["file"] for r in read_jsonl(index)])
+            family = load_with_loras(cfg.model, cfg.lora, cfg.dtype, cfg.device, cfg.allow_pickle)
+            check_prompt_lengths(family, [p for p, _ in todo])
+        shard.start(run)
+        _draw(cfg, guard, family, settings, planned, done)
+        place = {item: n for n, item in enumerate(planned)}
+        shard.gather(index, lambda r: place.get((r["prompt"], r["seed"])))
+        if shard.is_main():
+            run.finish(["images.jsonl"] + [r["file"] for r in read_jsonl(index)])
+        shard.barrier()
     return read_jsonl(index)
+
+
+def _draw(cfg: SampleConfig, guard: Guard, family, settings: dict, planned: list[tuple], done: set) -> None:
+    """Batches of every planned image, not of those left: pixels depend on the batch an image is drawn in (CPU
+    kernels), so a resumed or sharded run draws each image in the batch a fresh single process draws it in."""
+    out = Path(cfg.out)
+    batches = [planned[start : start + cfg.batch_size] for start in range(0, len(planned), cfg.batch_size)]
+    todo = [b for b in shard.mine(batches) if any(item not in done for item in b)]
+    for batch in tqdm(todo, desc="sample", unit="batch", disable=not shard.is_main()):
+        negatives = [cfg.negative_prompt] * len(batch) if cfg.negative_prompt else None
+        images = guard.generate(
+            family,
+            [p for p, _ in batch],
+            [s for _, s in batch],
+            cfg.steps,
+            cfg.guidance,
+            cfg.resolution,
+            negative_prompts=negatives,
+        )
+        for (prompt, seed), image in zip(batch, images):
+            if (prompt, seed) in done:  # recorded before a crash cut this batch short
+                continue
+            name = image_name(prompt, seed)
+            atomic_save_image(out / name, image)
+            append_jsonl(shard.part(out / "images.jsonl"), {"file": name, "prompt": prompt, "seed": seed, **settings})

@@ -63,24 +63,37 @@ def _training_prompts(ctx) -> list[str]:
 
 
 def _generated(ctx, n: int) -> tuple[list, list[str], dict]:
-    """The original model's judge-approved images; kept in out/concept_images/ (a rerun continues)."""
+    """The original model's judge-approved images; kept in out/concept_images/ (a rerun continues).
+
+    Drawn and judged --batch-size at a time, in fixed batches of draw numbers: pixels depend on the batch an
+    image is drawn in (CPU kernels), so a batch a crash cut short is redrawn whole and only its missing draws
+    are recorded; the last batch may draw past the n-th kept image (those are recorded, not used)."""
     folder = ctx.out / FOLDER
     index = folder / "images.jsonl"
     records = read_jsonl(index, repair=True)
     prompts = _training_prompts(ctx)
     guidance = ctx.config.guidance if ctx.config.guidance is not None else ctx.concept.guidance
-    draw = len(records) and records[-1]["draw"] + 1
-    while sum(r["kept"] for r in records) < n and draw < n * TRIES_PER_IMAGE:
-        prompt, seed = prompts[draw % len(prompts)], derive_seed(ctx.seed, "concept-image", draw)
+    size, limit = max(1, ctx.config.batch_size), n * TRIES_PER_IMAGE
+    have = {r["draw"] for r in records}
+    start = (max(have) + 1) // size * size if have else 0
+    while sum(r["kept"] for r in records) < n and start < limit:
+        draws = range(start, min(start + size, limit))
+        batch = [(prompts[d % len(prompts)], derive_seed(ctx.seed, "concept-image", d)) for d in draws]
         with ctx.original():
-            image = ctx.family.text2image([prompt], [seed], ctx.steps, guidance, ctx.resolution)[0]
-        verdict = ctx.judge_images([image], [prompt])[0]
-        record = {"draw": draw, "file": f"{draw:05d}.png", "prompt": prompt, "seed": seed}
-        record["kept"] = bool(verdict.present)
-        atomic_save_image(folder / record["file"], image)
-        append_jsonl(index, record)
-        records.append(record)
-        draw += 1
+            images = ctx.family.text2image(
+                [p for p, _ in batch], [s for _, s in batch], ctx.steps, guidance, ctx.resolution
+            )
+        verdicts = ctx.judge_images(images, [p for p, _ in batch])
+        for draw, (prompt, seed), image, verdict in zip(draws, batch, images, verdicts):
+            if draw in have:  # recorded before a crash cut this batch short
+                continue
+            record = {"draw": draw, "file": f"{draw:05d}.png", "prompt": prompt, "seed": seed}
+            record["kept"] = bool(verdict.present)
+            atomic_save_image(folder / record["file"], image)
+            append_jsonl(index, record)
+            records.append(record)
+        start += size
+    records.sort(key=lambda r: r["draw"])
     kept = [r for r in records if r["kept"]][:n]
     if not kept:
         raise UserError(

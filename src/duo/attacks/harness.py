@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from duo import shard
 from duo.attacks.base import AttackConfig, AttackContext, Found, Target
 from duo.attacks.registry import attack_module
 from duo.attacks.targets import build_targets
@@ -101,18 +102,25 @@ def run_attack(name: str, cfg: AttackConfig, overrides: dict | None = None) -> d
     targets, target_record = build_targets(cfg, concept, seen_prompts(lora_dirs(cfg.lora)))
     record = _run_record(name, cfg, settings, concept, judge_spec)
     run = RunFolder.claim(out, "attack", record, _parents(cfg), overwrite=cfg.overwrite, overrides=inputs.overrides)
-    run.start()
+    shard.init(cfg.device)
+    shard.start(run)
     session = _Session(name, cfg, concept, guard, targets, out, judge)
 
-    found = _find(session, module, settings)
-    write_prompts_csv(out / "prompts.csv", found, targets)
+    # The search runs once; the other processes then read what it found (found.jsonl, and what prepare() kept).
+    found = shard.main_first(lambda: _find(session, module, settings))
+    if shard.is_main():
+        write_prompts_csv(out / "prompts.csv", found, targets)
     _generate(session, judge, found)
+    if not shard.is_main():
+        shard.barrier()
+        return json.loads((out / RESULTS).read_text())
     prepared = json.loads((out / PREPARED).read_text()) if (out / PREPARED).is_file() else {}
     results = summarise(name, session, settings, judge, found, read_jsonl(out / IMAGES), prepared)
     results["targets"] = target_record | {"excluded": sum(_excluded(f) for f in found)}
     results["lineage"] = {**run.lineage(), "origin": inputs.origin}
     atomic_write_text(out / RESULTS, json.dumps(results, indent=2))
     run.finish([RESULTS, FOUND, IMAGES, "prompts.csv"])
+    shard.barrier()
     return results
 
 
@@ -121,7 +129,8 @@ def _prepare(session: _Session, module, settings) -> AttackContext:
     ctx = session.context()
     if not getattr(session, "prepared", False):
         provenance = module.prepare(ctx, settings)
-        atomic_write_text(session.out / PREPARED, json.dumps(provenance, indent=2, default=str))
+        if shard.is_main():  # another process prepares from what main's prepare() kept: "resumed"
+            atomic_write_text(session.out / PREPARED, json.dumps(provenance, indent=2, default=str))
         session.prepared = True
     return ctx
 
@@ -168,22 +177,23 @@ def _excluded(found: Found) -> bool:
 def _generate(session: _Session, judge, found: list[Found]) -> None:
     """Every found prompt × images_per_prompt, under the guard, judged; one line per image."""
     index = session.out / IMAGES
-    have = {(r["id"], r["k"]) for r in read_jsonl(index, repair=True)}
+    have = {(r["id"], r["k"]) for r in shard.recorded(index)}
     per_prompt = session.cfg.common("images_per_prompt")
     wanted = [(f, k) for f in found if not _excluded(f) for k in range(per_prompt)]
-    todo = [(f, k) for f, k in wanted if (f.id, k) not in have]
-    if not todo:
-        return
-    ctx = _prepare(session, session.module, session.settings)
-    # `with`: a judge that fails closes the bar first, so the error message gets a line of its own
-    with tqdm(total=len(todo), desc="generate + judge", unit="image") as bar:
-        # Batches of every image, not of those left: an image's pixels depend on the batch it is drawn in (CPU
-        # kernels), so a rerun redraws a batch a crash cut short whole, and records only its missing images.
-        for chunk in guidance_batches(wanted, session.cfg.batch_size):
-            missing = sum((f.id, k) not in have for f, k in chunk)
-            if missing:
-                _generate_batch(ctx, judge, chunk, index, have)
-                bar.update(missing)
+    # Batches of every image, not of those left: an image's pixels depend on the batch it is drawn in (CPU
+    # kernels), so a rerun redraws a batch a crash cut short whole, and records only its missing images.
+    batches = guidance_batches(wanted, session.cfg.batch_size)
+    todo = [c for c in shard.mine(batches) if any((f.id, k) not in have for f, k in c)]
+    if todo:
+        ctx = _prepare(session, session.module, session.settings)
+        total = sum((f.id, k) not in have for c in todo for f, k in c)
+        # `with`: a judge that fails closes the bar first, so the error message gets a line of its own
+        with tqdm(total=total, desc="generate + judge", unit="image", disable=not shard.is_main()) as bar:
+            for chunk in todo:
+                _generate_batch(ctx, judge, chunk, shard.part(index), have)
+                bar.update(sum((f.id, k) not in have for f, k in chunk))
+    place = {(f.id, k): n for n, (f, k) in enumerate(item for c in batches for item in c)}
+    shard.gather(index, lambda r: place.get((r["id"], r["k"])))
 
 
 def guidance_batches(todo: list[tuple[Found, int]], size: int) -> list[list[tuple[Found, int]]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from duo import shard
 from duo.attacks.base import AttackConfig
 from duo.attacks.registry import ATTACKS, attack_settings
 from duo.cli.args import add_dataclass_flags, dataclass_from_args, explicit_values
@@ -48,8 +49,9 @@ def run(args: argparse.Namespace) -> int:
 
     results = run_attack(args.attack, dataclass_from_args(AttackConfig, args), explicit_values(args.settings_cls, args))
     d = results["dsr"]
-    print(
-        f"{args.attack}: DSR {d['rate']:.3f} (95 % CI {d['ci95'][0]:.3f}–{d['ci95'][1]:.3f}, n={d['n']} images, "
-        f"{results['n_prompts']} prompts), judge {results['judge'].get('name')}\nresults: {args.out}/results.json"
-    )
+    if shard.is_main():  # one line, not one per process under accelerate launch
+        print(
+            f"{args.attack}: DSR {d['rate']:.3f} (95 % CI {d['ci95'][0]:.3f}–{d['ci95'][1]:.3f}, n={d['n']} images, "
+            f"{results['n_prompts']} prompts), judge {results['judge'].get('name')}\nresults: {args.out}/results.json"
+        )
     return 0

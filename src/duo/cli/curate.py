@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from duo import shard
 from duo.cli.args import add_command, dataclass_from_args
 from duo.data.curate import CurateConfig, curate
 
@@ -20,5 +21,6 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     manifest = curate(dataclass_from_args(CurateConfig, args))
-    print(f"pairs: {manifest}")
+    if shard.is_main():  # one line, not one per process under accelerate launch
+        print(f"pairs: {manifest}")
     return 0

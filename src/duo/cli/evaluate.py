@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from duo import shard
 from duo.cli.args import add_command, dataclass_from_args
 from duo.evaluate import EvaluateConfig, evaluate
 
@@ -24,9 +25,10 @@ def run(args) -> int:
     r = evaluate(dataclass_from_args(EvaluateConfig, args))
     dsr = ", ".join(f"{k} {v['dsr']['rate']:.3f}" for k, v in r["attacks"].items()) or "no attacks given"
     fid = r.get("fid", {}).get("original", {}).get("fid")
-    print(
-        f"{r['label']}: PP {r['preservation']['pp']:.3f} (n={r['preservation']['n']}), DSR {dsr}"
-        + (f", FID vs original {fid:.2f}" if fid is not None else "")
-        + f"\nresults: {args.out}/results.json"
-    )
+    if shard.is_main():  # one line, not one per process under accelerate launch
+        print(
+            f"{r['label']}: PP {r['preservation']['pp']:.3f} (n={r['preservation']['n']}), DSR {dsr}"
+            + (f", FID vs original {fid:.2f}" if fid is not None else "")
+            + f"\nresults: {args.out}/results.json"
+        )
     return 0

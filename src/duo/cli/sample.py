@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from duo import shard
 from duo.cli.args import add_command, dataclass_from_args
 from duo.sample import SampleConfig, sample
 
@@ -20,5 +21,6 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     records = sample(dataclass_from_args(SampleConfig, args))
-    print(f"{len(records)} images in {args.out}")
+    if shard.is_main():  # one line, not one per process under accelerate launch
+        print(f"{len(records)} images in {args.out}")
     return 0

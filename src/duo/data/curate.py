@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from duo import shard
 from duo.data.concepts import Concept, load_concept
 from duo.data.files import append_jsonl, atomic_save_image, atomic_write_text, read_jsonl
 from duo.errors import UserError
@@ -144,7 +145,8 @@ def curate(cfg: CurateConfig) -> Path:
     out = Path(cfg.out)
     run = RunFolder.claim(out, "curate", settings, overwrite=cfg.overwrite, volatile=("concept_notes",))
     manifest = out / MANIFEST
-    done = {r["id"] for r in read_jsonl(manifest, repair=True)} if run.state == "resume" else set()
+    shard.init(cfg.device)
+    done = {r["id"] for r in shard.recorded(manifest)} if run.state == "resume" else set()
     planned = plan_pairs(concept, cfg)
     jobs = [j for j in planned if j.id not in done]
     if not jobs and (run.previous or {}).get("finished") and run.previous["config"] == run.config:
@@ -157,12 +159,16 @@ def curate(cfg: CurateConfig) -> Path:
     # Load before writing anything, so that a bad model or judge leaves no half-made folder behind.
     family = load_family(cfg.model, dtype=cfg.dtype, device=cfg.device, allow_pickle=cfg.allow_pickle) if jobs else None
     judge = get_judge(settings["judge"], settings["judge_options"]) if jobs else None
-    run.start()
+    shard.start(run)
     if jobs:
         _make_all(_Generator(family, judge, settings, cfg, out), planned, done, manifest, cfg.batch_size)
-    records = read_jsonl(manifest)
-    write_prompts_used(out, records)
-    run.finish([MANIFEST, PROMPTS_USED] + [r[side]["file"] for r in records for side in ("unsafe", "safe")])
+    place = {j.id: n for n, j in enumerate(planned)}
+    shard.gather(manifest, lambda r: place.get(r["id"]))
+    if shard.is_main():
+        records = read_jsonl(manifest)
+        write_prompts_used(out, records)
+        run.finish([MANIFEST, PROMPTS_USED] + [r[side]["file"] for r in records for side in ("unsafe", "safe")])
+    shard.barrier()
     return manifest
 
 
@@ -183,11 +189,13 @@ def _make_all(gen, planned: list[PairJob], done: set, manifest: Path, batch_size
     """Batches of every planned pair, not of those left: pixels depend on the batch a pair is drawn in (CPU
     kernels), so a batch a crash cut short is redrawn whole and only its missing pairs are recorded."""
     batches = [planned[start : start + batch_size] for start in range(0, len(planned), batch_size)]
-    with tqdm(total=len(planned), initial=len(done), desc="curate pairs", unit="pair") as bar:
+    batches, part = shard.mine(batches), shard.part(manifest)  # with one process: all, into the manifest
+    total, initial = sum(map(len, batches)), sum(j.id in done for b in batches for j in b)
+    with tqdm(total=total, initial=initial, desc="curate pairs", unit="pair", disable=not shard.is_main()) as bar:
         for batch in (b for b in batches if any(j.id not in done for j in b)):
             for record in gen.make_pairs(batch):
                 if record["id"] not in done:
-                    append_jsonl(manifest, record)
+                    append_jsonl(part, record)
                     bar.update(1)
 
 

@@ -99,7 +99,7 @@ class ModelFamily(Protocol):
         ...
 
     def offload_encoders(self) -> None:
-        """Free the accelerator of everything but the denoiser once encodings are cached."""
+        """Free the accelerator of everything but the denoiser once encodings are cached (on a CPU: drop them)."""
         ...
 
     def lora_targets(self, method: str, module: str | None = None) -> str:

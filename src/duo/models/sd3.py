@@ -22,7 +22,7 @@ from duo.errors import UserError
 from duo.models.flow import FlowSchedule
 from duo.models.packed import unpack
 from duo.models.pipeline_loras import PipelineLoras
-from duo.models.sd import latent_distribution, no_safe_latent_diffusion, torch_dtype
+from duo.models.sd import latent_distribution, no_safe_latent_diffusion, release_encoders, torch_dtype
 from duo.models.sd3_text import StableDiffusion3Text
 
 # LoRA targets of the joint attention. Each block attends over [image tokens ; text tokens]: the image stream's
@@ -133,8 +133,7 @@ class StableDiffusion3Family(StableDiffusion3Text, PipelineLoras):
         ).sample
 
     def offload_encoders(self) -> None:
-        for module in (self.pipe.vae, *self.text_encoders):
-            module.to("cpu")
+        release_encoders([self.pipe.vae, *self.text_encoders], self.device)
 
     def lora_targets(self, method: str, module: str | None = None) -> str:
         """DUO: the image stream's attention (SD's self-attention); ESD-x: the context stream's, the only layers

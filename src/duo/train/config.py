@@ -208,6 +208,11 @@ class LoopConfig:
     batch_size: int = _f(4, "pairs per forward pass, per process")
     grad_accum: int = _f(1, "micro-batches per optimizer step; pairs per step = batch_size × grad_accum × processes")
     mixed_precision: str = _f("no", "no, fp16 or bf16 (LoRA weights stay fp32)", choices=["no", "fp16", "bf16"])
+    compile: bool = _f(
+        False,
+        "torch.compile the trained module's forward (inductor; the reference forward with adapters off too). "
+        "Compiles during the first steps; docs/performance.md has what it measured",
+    )
     grad_clip: float = _f(1.0, "max gradient norm")
     weight_decay: float = _f(1e-2, "AdamW weight decay")
     checkpoint_every: int = _f(250, "steps between checkpoints")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -97,6 +98,8 @@ def setup(cfg: TrainConfig, make=make_method) -> TrainState:
         family.offload_encoders()  # only the UNet is needed from here on
     _start(folder, cfg, accelerator)
     params = lora_parameters(module)
+    if cfg.compile:  # the bound forward, so that the policy, the unwrapped reference and DDP's call all use it
+        module.forward = torch.compile(module.forward)
     optimizer = torch.optim.AdamW(
         params, lr=cfg.resolved_lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay
     )
@@ -228,7 +231,7 @@ def _update(state: TrainState, step: int, draws) -> dict:
     """Gradients of the global batch's loss (this process's share), then one optimizer update."""
     cfg, acc, method = state.cfg, state.accelerator, state.method
     world, rank = acc.num_processes, acc.process_index
-    sums: dict[str, float] = {}
+    sums: dict[str, torch.Tensor] = {}
     for m in range(cfg.grad_accum):
         first = (m * world + rank) * cfg.batch_size
         micro = draws.slice(first, first + cfg.batch_size)
@@ -237,11 +240,13 @@ def _update(state: TrainState, step: int, draws) -> dict:
         with sync:
             parts = method.micro_loss(state.unet, acc, micro)
             acc.backward(parts["loss"] / cfg.grad_accum)
-        for name in method.metrics:
-            sums[name] = sums.get(name, 0.0) + float(parts[name].detach()) / cfg.grad_accum
-    reduced = acc.reduce(torch.tensor(list(sums.values()), device=acc.device), "mean")
-    metrics = dict(zip(sums, reduced.tolist()))
-    if not torch.isfinite(reduced).all():
+        for name in method.metrics:  # kept on the device: one host sync per step, below
+            sums[name] = sums.get(name, 0.0) + parts[name].detach().float() / cfg.grad_accum
+    reduced = acc.reduce(torch.stack(list(sums.values())), "mean")
+    grad_norm = acc.clip_grad_norm_(state.params, cfg.grad_clip)
+    *values, norm = torch.cat([reduced, torch.as_tensor(grad_norm, device=reduced.device).reshape(1)]).tolist()
+    metrics = dict(zip(sums, values))
+    if not all(math.isfinite(v) for v in values):
         last = latest_checkpoint(Path(cfg.out))
         kept = f"the last good checkpoint, {last}, is kept" if last else "no checkpoint was written before it"
         raise UserError(
@@ -249,10 +254,9 @@ def _update(state: TrainState, step: int, draws) -> dict:
             "--resume to continue from it. Otherwise lower --lr (or --beta for DUO) or train in fp32 "
             "(--mixed-precision no), into a new --out."
         )
-    grad_norm = acc.clip_grad_norm_(state.params, cfg.grad_clip)
     state.optimizer.step()
     state.optimizer.zero_grad(set_to_none=True)
-    return {**metrics, "grad_norm": float(grad_norm), "lr": state.optimizer.param_groups[0]["lr"]}
+    return {**metrics, "grad_norm": norm, "lr": state.optimizer.param_groups[0]["lr"]}
 
 
 def _checkpoint(state: TrainState, step: int) -> None:

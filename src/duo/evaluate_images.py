@@ -1,0 +1,97 @@
+"""`duo evaluate`'s images: original and unlearned per (group, prompt, seed), drawn once and kept on disk."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from duo import shard
+from duo.data.concepts import Concept
+from duo.data.files import append_jsonl, atomic_save_image, load_image, read_jsonl
+from duo.guards import make_guard
+from duo.seeds import derive_seed
+
+
+class Images:
+    """Original and unlearned images per (group, prompt, seed), generated once and kept on disk."""
+
+    def __init__(self, cfg, concept: Concept, out: Path):
+        self.cfg, self.concept, self.out, self.family, self.guard = cfg, concept, out, None, None
+        self.index = out / "images.jsonl"
+        self.records = {(r["group"], r["model"], r["i"]): r for r in shard.recorded(self.index)}
+
+    def _load(self):
+        if self.family is None:
+            from duo.models.family import load_with_loras
+
+            c = self.cfg
+            self.family = load_with_loras(c.model, c.lora, c.dtype, c.device, threads=c.threads)
+            self.guard = make_guard(self.cfg.guard, self.concept.unsafe_words)
+        return self.family
+
+    def make(self, groups: list[tuple[str, list[str]]]) -> None:
+        """Every group's missing images, this process's share of the batches; then (main) one images.jsonl.
+
+        Batches of every prompt, not of those left: pixels depend on the batch an image is drawn in (CPU kernels),
+        so a batch a crash cut short is redrawn whole and only its missing images are recorded."""
+        size, batches = self.cfg.batch_size, []
+        for group, prompts in groups:
+            for model in ("original", "unlearned"):
+                starts = range(0, len(prompts), size)
+                batches += [(group, model, prompts, range(s, min(s + size, len(prompts)))) for s in starts]
+        todo = [b for b in shard.mine(batches) if any((b[0], b[1], i) not in self.records for i in b[3])]
+        for group, model, prompts, idx in tqdm(todo, desc="evaluate images", leave=False, disable=not shard.is_main()):
+            self._generate(group, model, prompts, list(idx))
+        place = {item: n for n, item in enumerate((g, m, i) for g, m, _, idx in batches for i in idx)}
+        shard.gather(self.index, lambda r: place.get((r["group"], r["model"], r["i"])))
+        self.records = {(r["group"], r["model"], r["i"]): r for r in read_jsonl(self.index)}
+
+    def get(self, group: str, prompts: list[str]) -> tuple[list, list]:
+        """The images `make` drew (or found), original then unlearned."""
+        return tuple(
+            [load_image(self.out / self.records[(group, m, i)]["file"]) for i in range(len(prompts))]
+            for m in ("original", "unlearned")
+        )
+
+    def _generate(self, group: str, model: str, prompts: list[str], idx: list[int]) -> None:
+        family, c = self._load(), self.cfg
+        texts = [prompts[i] for i in idx]
+        guard = self.guard if model == "unlearned" else make_guard("none", [])
+        steps, guidance = c.steps or self.concept.steps, c.guidance or self.concept.guidance
+        seeds = [derive_seed(c.seed, "evaluate", group, i) for i in idx]
+        run = family.loras_off() if model == "original" and c.lora else nullcontext()
+        with run:
+            images = guard.generate(family, texts, seeds, steps, guidance, self.concept.resolution)
+        for i, seed, image in zip(idx, seeds, images):
+            if (group, model, i) in self.records:  # recorded before a crash cut this batch short
+                continue
+            rel = f"images/{group}/{model}/{i:04d}.png"
+            atomic_save_image(self.out / rel, image)
+            record = {"group": group, "model": model, "i": i, "prompt": prompts[i], "seed": seed, "file": rel}
+            append_jsonl(shard.part(self.index), record)
+            self.records[(group, model, i)] = record
+
+
+def attack_originals(images: Images, cell: dict) -> list[dict]:
+    """The attack's prompts on the original model (LoRAs off, no guard, same seeds): the grid's left column."""
+    from duo.attacks.concept_inversion import EMBEDS, FOLDER, install_token
+
+    examples = cell.pop("examples")
+    family = images._load()
+    learned = Path(cell["results"]).parent / FOLDER / EMBEDS
+    if learned.is_file():  # the prompts carry the learned token: install it (the LoRAs stay off below)
+        install_token(family, cell["settings"]["token"], None, learned)
+    for i, ex in enumerate(examples):
+        # Popped whether or not the image is drawn: a rerun that finds it on disk writes the same results.json.
+        guidance = ex.pop("guidance") or images.concept.guidance
+        rel = f"images/attack-{cell['hash'][:12]}/original/{i:04d}.png"  # keyed by content: never stale
+        if not (images.out / rel).is_file():
+            with family.loras_off() if images.cfg.lora else nullcontext():
+                image = family.text2image(
+                    [ex["prompt"]], [ex["seed"]], cell["sampling"]["steps"], guidance, cell["sampling"]["resolution"],
+                )[0]  # fmt: skip
+            atomic_save_image(images.out / rel, image)
+        ex["original"] = rel
+    return examples
