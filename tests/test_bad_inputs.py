@@ -229,6 +229,8 @@ CASES = [
      ["train.beta", "positive number, got 0"]),
     ("concept-sampling-steps-zero", concept_yaml(f"name: x\nsteps: 0\n{PART}"),
      ["steps must be a positive integer, got 0"]),
+    ("concept-template-too-long", concept_yaml(f"name: x\nparts: [{{name: a, pairs: 2, unsafe: '{LONG}', safe: b}}]"),
+     ["tokens", "reads at most 77", "shorten the concept's template"]),
     ("concept-control-character", concept_yaml(f"name: x\n{PART.replace('unsafe: a', f'unsafe: a {RLO}cat')}"),
      ["U+202E", "delete it"]),
     # settings (refused when parsed, before a model loads)

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from duo import shard
 from duo.data.files import append_jsonl, atomic_save_image, read_jsonl
 from duo.data.lineage import lora_parents, resolve_inputs
-from duo.data.text import check_prompt
+from duo.data.text import check_prompt, check_prompt_lengths
 from duo.errors import UserError
 from duo.guards import GUARDS, Guard, make_guard
 from duo.models.lora_spec import lora_dirs
@@ -107,18 +107,6 @@ def _read_text(path: Path) -> str:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise UserError(f"prompts file '{path}' is not UTF-8 text ({exc}); save it as UTF-8.") from None
-
-
-def check_prompt_lengths(family, prompts: list[str]) -> None:
-    """Refuse a prompt the text encoder would silently cut: the image would ignore its last words."""
-    limit = family.max_prompt_tokens
-    for p in prompts:
-        n = family.token_count(p)
-        if n > limit:
-            raise UserError(
-                f"the prompt {p[:60]!r}... takes {n} tokens, but this model's text encoder reads at most {limit} "
-                "(start and end tokens included); shorten it."
-            )
 
 
 def image_name(prompt: str, seed: int) -> str:

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from duo import shard
 from duo.data.concepts import Concept, load_concept
 from duo.data.files import append_jsonl, atomic_save_image, atomic_write_text, read_jsonl
+from duo.data.text import check_prompt_lengths
 from duo.errors import UserError
 from duo.runs import RunFolder, package_versions  # noqa: F401  (package_versions: older import path)
 
@@ -158,6 +159,9 @@ def curate(cfg: CurateConfig) -> Path:
 
     # Load before writing anything, so that a bad model or judge leaves no half-made folder behind.
     family = load_family(cfg.model, dtype=cfg.dtype, device=cfg.device, allow_pickle=cfg.allow_pickle) if jobs else None
+    if family is not None:  # a template the text encoder would cut: refused before the folder is written
+        texts = sorted({t for j in jobs for t in (j.unsafe_prompt, j.safe_prompt, j.negative_prompt)})
+        check_prompt_lengths(family, texts, fix="shorten the concept's template or its vars")
     judge = get_judge(settings["judge"], settings["judge_options"]) if jobs else None
     shard.start(run)
     if jobs:

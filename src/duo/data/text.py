@@ -35,3 +35,15 @@ def check_prompt(text: str, where: str) -> str:
             f"position {i}; prompts must be plain text. Delete that character and rerun."
         )
     return text
+
+
+def check_prompt_lengths(family, prompts: list[str], fix: str = "shorten it") -> None:
+    """Refuse a prompt the text encoder would silently cut: the image would ignore its last words."""
+    limit = family.max_prompt_tokens
+    for p in prompts:
+        n = family.token_count(p)
+        if n > limit:
+            raise UserError(
+                f"the prompt {p[:60]!r}... takes {n} tokens, but this model's text encoder reads at most {limit} "
+                f"(start and end tokens included); {fix}."
+            )
