@@ -36,16 +36,15 @@ class Images:
 
         Batches of every prompt, not of those left: pixels depend on the batch an image is drawn in (CPU kernels),
         so a batch a crash cut short is redrawn whole and only its missing images are recorded."""
-        size, batches = self.cfg.batch_size, []
+        prompts_of, batches = dict(groups), []  # batches of (group, model, i), each of one group and model
         for group, prompts in groups:
             for model in ("original", "unlearned"):
-                starts = range(0, len(prompts), size)
-                batches += [(group, model, prompts, range(s, min(s + size, len(prompts)))) for s in starts]
-        todo = [b for b in shard.mine(batches) if any((b[0], b[1], i) not in self.records for i in b[3])]
-        for group, model, prompts, idx in tqdm(todo, desc="evaluate images", leave=False, disable=not shard.is_main()):
-            self._generate(group, model, prompts, list(idx))
-        place = {item: n for n, item in enumerate((g, m, i) for g, m, _, idx in batches for i in idx)}
-        shard.gather(self.index, lambda r: place.get((r["group"], r["model"], r["i"])))
+                batches += shard.cut([(group, model, i) for i in range(len(prompts))], self.cfg.batch_size)
+        todo = shard.pending(batches, self.records)
+        for batch in tqdm(todo, desc="evaluate images", leave=False, disable=not shard.is_main()):
+            group, model = batch[0][:2]
+            self._generate(group, model, prompts_of[group], [i for _, _, i in batch])
+        shard.gather_planned(self.index, [k for b in batches for k in b], lambda r: (r["group"], r["model"], r["i"]))
         self.records = {(r["group"], r["model"], r["i"]): r for r in read_jsonl(self.index)}
 
     def get(self, group: str, prompts: list[str]) -> tuple[list, list]:

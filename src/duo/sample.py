@@ -139,8 +139,7 @@ def sample(cfg: SampleConfig) -> list[dict]:
             check_prompt_lengths(family, [p for p, _ in todo])
         shard.start(run)
         _draw(cfg, guard, family, settings, planned, done)
-        place = {item: n for n, item in enumerate(planned)}
-        shard.gather(index, lambda r: place.get((r["prompt"], r["seed"])))
+        shard.gather_planned(index, planned, lambda r: (r["prompt"], r["seed"]))
         if shard.is_main():
             run.finish(["images.jsonl"] + [r["file"] for r in read_jsonl(index)])
         shard.barrier()
@@ -151,8 +150,7 @@ def _draw(cfg: SampleConfig, guard: Guard, family, settings: dict, planned: list
     """Batches of every planned image, not of those left: pixels depend on the batch an image is drawn in (CPU
     kernels), so a resumed or sharded run draws each image in the batch a fresh single process draws it in."""
     out = Path(cfg.out)
-    batches = [planned[start : start + cfg.batch_size] for start in range(0, len(planned), cfg.batch_size)]
-    todo = [b for b in shard.mine(batches) if any(item not in done for item in b)]
+    todo = shard.pending(shard.cut(planned, cfg.batch_size), done)
     for batch in tqdm(todo, desc="sample", unit="batch", disable=not shard.is_main()):
         negatives = [cfg.negative_prompt] * len(batch) if cfg.negative_prompt else None
         images = guard.generate(

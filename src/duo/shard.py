@@ -75,6 +75,22 @@ def mine(batches: list) -> list:
     return batches[rank() :: world()]
 
 
+def cut(plan: list, size: int) -> list[list]:
+    """The whole plan in batches of `size`: every process cuts the same batches, resumed or not."""
+    return [plan[start : start + size] for start in range(0, len(plan), size)]
+
+
+def pending(batches: list, done, key: Callable = lambda item: item) -> list:
+    """This process's batches that still hold an item whose key is not in `done`."""
+    return [b for b in mine(batches) if any(key(item) not in done for item in b)]
+
+
+def gather_planned(manifest: Path, keys: list, record_key: Callable[[dict], object]) -> None:
+    """`gather` in the order of `keys` (every planned item's key, as a single process draws them)."""
+    place = {k: n for n, k in enumerate(keys)}
+    gather(manifest, lambda r: place.get(record_key(r)))
+
+
 def part(manifest: Path) -> Path:
     """Where this process appends: the manifest itself when it works alone."""
     return manifest if world() == 1 else manifest.with_name(f"{manifest.name}.part-{rank()}")

@@ -183,7 +183,7 @@ def _generate(session: _Session, judge, found: list[Found]) -> None:
     # Batches of every image, not of those left: an image's pixels depend on the batch it is drawn in (CPU
     # kernels), so a rerun redraws a batch a crash cut short whole, and records only its missing images.
     batches = guidance_batches(wanted, session.cfg.batch_size)
-    todo = [c for c in shard.mine(batches) if any((f.id, k) not in have for f, k in c)]
+    todo = shard.pending(batches, have, key=lambda item: (item[0].id, item[1]))
     if todo:
         ctx = _prepare(session, session.module, session.settings)
         total = sum((f.id, k) not in have for c in todo for f, k in c)
@@ -192,8 +192,7 @@ def _generate(session: _Session, judge, found: list[Found]) -> None:
             for chunk in todo:
                 _generate_batch(ctx, judge, chunk, shard.part(index), have)
                 bar.update(sum((f.id, k) not in have for f, k in chunk))
-    place = {(f.id, k): n for n, (f, k) in enumerate(item for c in batches for item in c)}
-    shard.gather(index, lambda r: place.get((r["id"], r["k"])))
+    shard.gather_planned(index, [(f.id, k) for c in batches for f, k in c], lambda r: (r["id"], r["k"]))
 
 
 def guidance_batches(todo: list[tuple[Found, int]], size: int) -> list[list[tuple[Found, int]]]:

@@ -166,8 +166,7 @@ def curate(cfg: CurateConfig) -> Path:
     shard.start(run)
     if jobs:
         _make_all(_Generator(family, judge, settings, cfg, out), planned, done, manifest, cfg.batch_size)
-    place = {j.id: n for n, j in enumerate(planned)}
-    shard.gather(manifest, lambda r: place.get(r["id"]))
+    shard.gather_planned(manifest, [j.id for j in planned], lambda r: r["id"])
     if shard.is_main():
         records = read_jsonl(manifest)
         write_prompts_used(out, records)
@@ -192,8 +191,7 @@ def write_prompts_used(out: Path, records: list[dict]) -> None:
 def _make_all(gen, planned: list[PairJob], done: set, manifest: Path, batch_size: int) -> None:
     """Batches of every planned pair, not of those left: pixels depend on the batch a pair is drawn in (CPU
     kernels), so a batch a crash cut short is redrawn whole and only its missing pairs are recorded."""
-    batches = [planned[start : start + batch_size] for start in range(0, len(planned), batch_size)]
-    batches, part = shard.mine(batches), shard.part(manifest)  # with one process: all, into the manifest
+    batches, part = shard.mine(shard.cut(planned, batch_size)), shard.part(manifest)  # one process: all, manifest
     total, initial = sum(map(len, batches)), sum(j.id in done for b in batches for j in b)
     with tqdm(total=total, initial=initial, desc="curate pairs", unit="pair", disable=not shard.is_main()) as bar:
         for batch in (b for b in batches if any(j.id not in done for j in b)):
