@@ -48,6 +48,14 @@ VARIANTS = {
     # both adversaries, rounds taking turns: the soft-prompt row held CI/soft, the unlearndiff row UD/RAB/prompts
     "DUO-adv soft+ud anchored": {**DUO_ADV, "adversarial": "soft-prompt+unlearndiff"},
     "DUO-adv soft+ud all anchored": {**DUO_ADV, "adversarial": "soft-prompt+unlearndiff", "adv_rounds": "all"},
+    # the same inner-attack cost as `all`, spent on stronger rounds: 20 Adam steps every 20 optimizer steps
+    "DUO-adv soft+ud all anchored s20e20": {
+        **DUO_ADV,
+        "adversarial": "soft-prompt+unlearndiff",
+        "adv_rounds": "all",
+        "adv_steps": 20,
+        "adv_every": 20,
+    },
     "AdvUnlearn": ADVUNLEARN,  # the robust anchor to beat: the compare row's settings
 }
 ATTACKS = {

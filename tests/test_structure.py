@@ -22,10 +22,10 @@ LAYERS = [
     ["duo.judges", "duo.metrics", "duo.shapes.concept_judge", "duo.shapes.features", "duo.shapes.evaluation"],
     ["duo.shapes.world"],
     ["duo.data", "duo.sample"],
-    ["duo.train"],
+    ["duo.train", "duo.export"],
     ["duo.attacks"],
     ["duo.evaluate", "duo.evaluate_images", "duo.report", "duo.shapes.demo"],
-    ["duo.compare", "duo.sweep", "duo.demo"],
+    ["duo.compare", "duo.sweep", "duo.tune", "duo.demo"],
     ["duo.cli", "duo.__main__"],
 ]
 MAX_FILE_LINES, MAX_FUNCTION_LINES = 400, 60

@@ -18,7 +18,20 @@ NOT_WRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM}
 RERUN = "then rerun the same command: what was finished is kept and it resumes (train: with --resume)."
 
 # Each module defines add_parser(subparsers) and sets `func` on its parser.
-COMMANDS = ["curate", "train", "sample", "attack", "evaluate", "sweep", "report", "demo", "shapes"]
+COMMANDS = [
+    "curate",
+    "train",
+    "sample",
+    "attack",
+    "evaluate",
+    "sweep",
+    "tune",
+    "export",
+    "card",
+    "report",
+    "demo",
+    "shapes",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

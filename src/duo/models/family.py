@@ -25,11 +25,17 @@ PLANNED: dict[str, str] = {}
 
 def load_family(ref: str, dtype: str = "float32", device: str = "cpu", allow_pickle: bool = False) -> ModelFamily:
     """Load a pipeline and wrap it in the adapter of its family."""
-    import importlib
-
     check_device(device)
     path = resolve_model_ref(ref)
-    cls_name = read_model_index(path).get("_class_name", "")
+    family_cls = family_class(ref)
+    return family_cls.load(path, ref=ref, dtype=dtype, device=device, allow_pickle=allow_pickle)
+
+
+def family_class(ref: str) -> type:
+    """The adapter class of a model's family, read from its model_index.json without loading any weights."""
+    import importlib
+
+    cls_name = read_model_index(resolve_model_ref(ref)).get("_class_name", "")
     if cls_name not in FAMILIES:
         known = ", ".join(sorted(set(FAMILIES)))
         later = f" {PLANNED[cls_name]} support is planned but not there yet." if cls_name in PLANNED else ""
@@ -38,8 +44,7 @@ def load_family(ref: str, dtype: str = "float32", device: str = "cpu", allow_pic
             f"duo supports {known}.{later} Pass --model a pipeline of one of these families."
         )
     module, name = FAMILIES[cls_name].split(":")
-    family_cls = getattr(importlib.import_module(module), name)
-    return family_cls.load(path, ref=ref, dtype=dtype, device=device, allow_pickle=allow_pickle)
+    return getattr(importlib.import_module(module), name)
 
 
 def load_with_loras(

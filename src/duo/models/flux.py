@@ -47,6 +47,14 @@ class FluxFamily(FluxText, StableDiffusion3Family):
     pipeline_class_name = "FluxPipeline"
     img2img_class_name = "FluxImg2ImgPipeline"
     title = "FLUX.1"
+    kohya_prefixes = {"transformer": "lora_unet", "text_encoder": "lora_te1"}
+
+    @classmethod
+    def kohya_state(cls, layers: dict) -> dict[str, torch.Tensor]:
+        """kohya's FLUX layout names the original checkpoint's fused layers (duo.models.flux_kohya)."""
+        from duo.models.flux_kohya import flux_kohya_state
+
+        return flux_kohya_state(layers)
 
     @property
     def text_encoders(self) -> tuple[torch.nn.Module, ...]:

@@ -14,6 +14,24 @@ from duo.errors import UserError
 class PipelineLoras:
     """Mixin over `self.pipe` (a diffusers pipeline with LoRA loading) and `self.unet` (its denoiser)."""
 
+    # component of the diffusers file → kohya prefix (duo.models.kohya)
+    kohya_prefixes = {"unet": "lora_unet", "text_encoder": "lora_te"}
+
+    @classmethod
+    def kohya_state(cls, layers: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]) -> dict[str, torch.Tensor]:
+        """The kohya single-file state of a LoRA read by `duo.models.kohya.read_layers` (no model needed)."""
+        from duo.models.kohya import kohya_name, layer_entries, text_module
+
+        state = {}
+        for component, modules in layers.items():
+            prefix = cls.kohya_prefixes.get(component)
+            if prefix is None:
+                raise ValueError(f"a {cls.title} LoRA has no component '{component}' in the kohya layout")
+            for module, (down, up) in modules.items():
+                path = module if component in ("unet", "transformer") else text_module(module)
+                state.update(layer_entries(kohya_name(prefix, path), down, up))
+        return state
+
     def split_lora_state(self, state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
         """(denoiser part, text-encoder part) of a LoRA state by module name, with B scaled by α/r.
 

@@ -51,6 +51,15 @@ class StableDiffusion3Family(StableDiffusion3Text, PipelineLoras):
     img2img_class_name = "StableDiffusion3Img2ImgPipeline"
     title = "Stable Diffusion 3"
 
+    @classmethod
+    def kohya_state(cls, layers: dict) -> dict[str, torch.Tensor]:
+        """SD3 has no kohya layout diffusers reads back (ComfyUI loads the diffusers file as it is)."""
+        raise UserError(
+            f"--format kohya: {cls.title} LoRAs have no kohya single-file layout that diffusers can read back, so "
+            "an export could not be checked. Use --format diffusers (ComfyUI loads that file as it is) or "
+            "--format fused."
+        )
+
     # ---- loading -------------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str, ref: str, dtype: str = "float32", device: str = "cpu", allow_pickle: bool = False):

@@ -25,6 +25,7 @@ class StableDiffusionXLFamily(StableDiffusionXLText, StableDiffusionFamily):
     pipeline_class_name = "StableDiffusionXLPipeline"
     # the invisible watermark would need its own package and changes every image we compare
     load_options = {"add_watermarker": False}
+    kohya_prefixes = {"unet": "lora_unet", "text_encoder": "lora_te1"}  # CLIP-L; OpenCLIP-G would be lora_te2
 
     @property
     def text_encoders(self) -> tuple[torch.nn.Module, ...]:
