@@ -110,14 +110,14 @@ def test_run_json_names_the_pairs_folder_by_its_hash(tiny_model, pairs_dir, tmp_
     assert run["parents"]["data"]["path"] == str(Path(pairs_dir).resolve())
     assert run["parents"]["data"]["hash"] == content_hash(pairs_dir)
     assert run["config"]["beta"] == 500.0 and run["config"]["method"] == "duo"
-    assert set(run["outputs"]) == {LORA_FILE, "config.json", "README.md", "metrics.jsonl"}
+    assert set(run["outputs"]) == {LORA_FILE, "config.json", "metrics.jsonl"}  # not the card: `duo card` rewrites it
     config = json.loads((out / "config.json").read_text())
     assert config["processes"] == 1 and config["pairs_per_step"] == 4
     assert config["resolved_lr"] == pytest.approx(3e-4 * 100 / 500)
     uce = train(
         resolve_config(model=tiny_model, data=pairs_dir, out=str(tmp_path / "uce"), method="uce", uce_erase="prompts")
     )
-    assert set(read_run(uce)["outputs"]) == {LORA_FILE, "config.json", "README.md", "uce.json"}
+    assert set(read_run(uce)["outputs"]) == {LORA_FILE, "config.json", "uce.json"}
     assert read_run(uce)["parents"]["data"]["hash"] == content_hash(pairs_dir)
 
 

@@ -26,6 +26,7 @@ COMMANDS = [
     "evaluate",
     "sweep",
     "tune",
+    "benchmark",
     "export",
     "card",
     "report",

@@ -1,8 +1,16 @@
-"""The model card written beside every LoRA: what it was trained from and how."""
+"""The model card written beside every LoRA: what it was trained from and how, with the Hub's front matter.
+
+The folder uploads to the Hugging Face Hub as it is, so the front matter holds only what the Hub accepts:
+`base_model` must be a Hub model id (a commit naming a local path is refused), and `license` one of its
+license ids. The evaluation section between the EVAL_* markers is `duo card`'s to rewrite (duo.report.card).
+"""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+
+import yaml
 
 from duo.data.files import atomic_write_text
 
@@ -13,6 +21,56 @@ METHOD_NAMES = {
     "uce": "UCE (Gandikota et al., WACV 2024)",
     "advunlearn": "AdvUnlearn (Zhang et al., NeurIPS 2024), text-encoder LoRA",
 }
+
+
+EVAL_START, EVAL_END = "<!-- duo card: evaluation -->", "<!-- /duo card: evaluation -->"
+NOT_EVALUATED = (
+    "## Evaluation\n\nNot evaluated yet. Run `duo evaluate --lora {folder} ... --out EVAL`, then "
+    "`duo card {folder} --eval EVAL` to put its DSR / PP / FID table here."
+)
+
+PROJECT_LICENSE = "apache-2.0"  # pyproject.toml: duo-unlearn, the Shapes world's weights included, is Apache-2.0
+# A LoRA of a model is bound by the model's license. Only ids whose license we know; anything else is "other".
+HUB_LICENSES = {
+    "CompVis/stable-diffusion-v1-": "creativeml-openrail-m",
+    "runwayml/stable-diffusion-v1-5": "creativeml-openrail-m",
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": "creativeml-openrail-m",
+}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def is_hub_id(model: str) -> bool:
+    """'owner/name' that is not a folder here: what the Hub accepts as a base_model."""
+    return bool(HUB_ID.match(model)) and not Path(model).exists()
+
+
+def base_license(model: str) -> str:
+    """The Hub license id this LoRA inherits from its base model: ours for Shapes, known SD 1.x ids, else other."""
+    from duo.shapes import ASSETS
+
+    if model == "shapes" or (Path(model).is_dir() and Path(model).resolve() == ASSETS / "pipeline"):
+        return PROJECT_LICENSE
+    return next((lic for prefix, lic in HUB_LICENSES.items() if model.startswith(prefix)), "other")
+
+
+def front_matter(model: str, concept: str) -> str:
+    """The Hub's YAML block; yaml.safe_dump quotes whatever a concept name holds."""
+    meta = {"library_name": "diffusers", "license": base_license(model), "pipeline_tag": "text-to-image"}
+    if is_hub_id(model):
+        meta["base_model"] = model
+    tags = ["lora", "diffusers", "text-to-image", "concept-erasure", "duo-unlearn", concept]
+    meta["tags"] = list(dict.fromkeys(tags))
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
+
+
+def _base_note(model: str) -> str:
+    if is_hub_id(model):
+        return ""
+    license = base_license(model)
+    note = f"\n\nBase model: `{model}` (not a Hub model id, so the front matter names no base_model)."
+    if license == "other":
+        note += " Its license binds this LoRA: state it before you share the LoRA."
+    return note
 
 
 def _adversary(c) -> str:
@@ -74,14 +132,10 @@ def write_model_card(out: Path, cfg, pairs, family=None) -> None:
     data = [("resolution", f"{pairs.resolution} px"), ("pairs", len(pairs)), ("data", str(pairs.folder))]
     rows = [*common, *specific, *data, ("data hash", pairs.data_hash)]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    text = f"""---
-library_name: diffusers
-base_model: {c.model}
-tags: [lora, duo-unlearn, concept-erasure]
----
-# {METHOD_NAMES[c.method].split(" (")[0]} LoRA: {pairs.concept.name} removed
+    title = f"{METHOD_NAMES[c.method].split(' (')[0]} LoRA: {pairs.concept.name} removed"
+    text = f"""{front_matter(str(c.model), pairs.concept.name)}# {title}
 
-Made with duo-unlearn.
+Made with duo-unlearn.{_base_note(str(c.model))}
 
 | setting | value |
 |---|---|
@@ -90,6 +144,11 @@ Made with duo-unlearn.
 ```python
 pipe.load_lora_weights("{out.name}")
 ```
-The full resolved configuration is in `config.json`; per-step metrics in `metrics.jsonl`.
+The full resolved configuration is in `config.json`; per-step metrics in `metrics.jsonl`. The LoRA file's
+safetensors metadata (`duo.*` keys) names its base model, concept, method and training pairs too.
+
+{EVAL_START}
+{NOT_EVALUATED.format(folder=out.name)}
+{EVAL_END}
 """
     atomic_write_text(out / "README.md", text)
