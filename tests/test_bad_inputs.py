@@ -294,6 +294,17 @@ CASES = [
                                               "--prompt", "a red circle", "--out", w.out(), "--steps", 1],
      ["does not fit this model", "size mismatch", "trained on another base model"]),
     ("lora-folder-missing", sample("--lora", "no-such-lora"), ["'no-such-lora' does not exist"]),
+    # several pairs folders, exports and cards (issue 17)
+    ("train-data-same-folder-twice",
+     lambda w: ["train", "--model", w.model, "--data", w.pairs, w.pairs, "--out", w.out()],
+     ["names the same pairs twice", "give each pairs folder once"]),
+    ("export-run-not-a-train-folder", lambda w: ["export", w.root, "--out", w.out()],
+     ["is not a `duo train` folder", "Pass the --out folder of a finished `duo train`"]),
+    ("export-over-a-foreign-folder", lambda w: ["export", w.lora, "--out", w.file("notes.txt", "mine").parent,
+                                                "--overwrite"],
+     ["is not an export folder", "will not delete it"]),
+    ("card-eval-not-an-evaluation", lambda w: ["card", w.lora, "--eval", w.pairs],
+     ["is not a finished `duo evaluate` folder"]),
 ]  # fmt: skip
 
 

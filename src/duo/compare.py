@@ -54,6 +54,11 @@ class PointConfig:
     device: str = "cpu"
     # attacks also run on the training targets (the LoRA's own prompts), beside the held-out default
     training_attacks: tuple[str, ...] = ()
+    # Fields of duo.attacks.AttackConfig / duo.evaluate.EvaluateConfig beyond the ones above (`duo benchmark`:
+    # the user's target prompts, sampling steps), and each attack's Settings ({attack: {field: value}}).
+    attack_config: dict = field(default_factory=dict)
+    attack_settings: dict = field(default_factory=dict)
+    evaluate_config: dict = field(default_factory=dict)
 
     def cells(self) -> list[str]:
         """The keys of evaluate's attacks (`duo.evaluate.attack_key`) this point reports, in table order."""
@@ -61,7 +66,7 @@ class PointConfig:
 
 
 def run_point(
-    p: PointConfig, folder: Path, lora: str | None, guard: str, seed: int, label: str, *,
+    p: PointConfig, folder: Path, lora: str | list[str] | None, guard: str, seed: int, label: str, *,
     attack_root: Path | None = None, eval_folder: Path | None = None,
 ) -> dict:  # fmt: skip
     """Every attack against (model + lora, guard), then `duo evaluate` with those attack folders.
@@ -72,7 +77,7 @@ def run_point(
     from duo.attacks import AttackConfig, run_attack
     from duo.evaluate import EvaluateConfig, evaluate
 
-    loras = [lora] if lora else None
+    loras = [lora] if isinstance(lora, str) else list(lora) if lora else None  # several: combined at weight 1
     attack_root = folder / "attacks" if attack_root is None else attack_root
     eval_folder = folder / "eval" if eval_folder is None else eval_folder
     folders = []
@@ -82,18 +87,19 @@ def run_point(
         attack = AttackConfig(
             model=p.model, concept=p.concept, out=str(attack_folder), lora=loras, guard=guard, budget=p.budget,
             n_prompts=p.n_prompts, images_per_prompt=p.images_per_prompt, seed=seed, device=p.device, targets=split,
+            **p.attack_config,
         )  # fmt: skip
-        run_attack(name, attack)
+        run_attack(name, attack, **p.attack_settings.get(name, {}))
         folders.append(str(attack_folder))
     evaluation = EvaluateConfig(
         model=p.model, concept=p.concept, out=str(eval_folder), lora=loras, guard=guard, attacks=folders,
         n_prompts=p.eval_prompts, prompts_file=p.prompts_file, lpips=p.lpips, fid_features=p.fid_features,
-        seed=seed, device=p.device, label=label,
+        seed=seed, device=p.device, label=label, **p.evaluate_config,
     )  # fmt: skip
     return evaluate(evaluation)
 
 
-def train_point(model: str, data: str, lora: Path, flags: dict, seed: int, device: str) -> str:
+def train_point(model: str, data: str | list[str], lora: Path, flags: dict, seed: int, device: str) -> str:
     """Train (or resume, or reuse) the LoRA of one point."""
     from duo.train.api import LORA_FILE, resolve_config, train
     from duo.train.outputs import claim_folder

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import random
 import re
@@ -228,3 +229,20 @@ def token_prompt(prompt: str, unsafe_words: list[str], token: str) -> str:
         if count:
             return replaced
     return f"{token} {prompt}" if prompt else token
+
+
+def merge_concepts(concepts: list[Concept]) -> Concept:
+    """What training needs of several concepts erased by one LoRA: their names joined, every unsafe word, and
+    the neighbours that show none of the concepts (shapes-red keeps "a purple circle", which shapes-circle
+    erases: retaining it would pull against erasing it). Judge, parts and the rest are the first concept's; a
+    joined concept is for training only, each concept is still evaluated on its own."""
+    words = list(dict.fromkeys(w for c in concepts for w in c.unsafe_words))
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, words)) + r")\b", re.IGNORECASE) if words else None
+    neighbours = [n for c in concepts for n in c.neighbours if pattern is None or not pattern.search(n)]
+    return dataclasses.replace(
+        concepts[0],
+        name="+".join(c.name for c in concepts),
+        unsafe_words=words,
+        neighbours=list(dict.fromkeys(neighbours)),
+        parts=[p for c in concepts for p in c.parts],
+    )

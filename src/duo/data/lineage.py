@@ -30,10 +30,20 @@ class Lineage:
     model: str | None = None
     pairs: str | None = None
     method: dict = field(default_factory=dict)
+    more_pairs: tuple[str, ...] = ()  # the other pairs folders of a multi-concept LoRA (`duo train --data A B`)
 
     @property
     def concept(self) -> Concept | None:
         return pairs_concept(self.pairs) if self.pairs else None
+
+    @property
+    def concepts(self) -> list[Concept]:
+        """Every concept the LoRA was trained to erase."""
+        return [pairs_concept(p) for p in self.all_pairs]
+
+    @property
+    def all_pairs(self) -> list[str]:
+        return [self.pairs, *self.more_pairs] if self.pairs else []
 
 
 def lora_lineage(folder: str | Path) -> Lineage:
@@ -41,15 +51,26 @@ def lora_lineage(folder: str | Path) -> Lineage:
     folder = Path(folder)
     run = read_run(folder)
     if run is not None and run.get("kind") == "train":
-        config, data = run["config"], run.get("parents", {}).get("data", {}).get("path")
+        parents = run.get("parents", {})
+        config, data = run["config"], parents.get("data", {}).get("path")
+        more = tuple(parents[k]["path"] for k in sorted(parents, key=_data_order) if k != "data" and _is_data(k))
     elif (folder / "config.json").is_file():
         config = json.loads((folder / "config.json").read_text())
-        data = config.get("data")
+        data, more = config.get("data"), ()
     else:
         return Lineage(str(folder))
     pairs = data if data and pairs_settings(data) is not None else None
     method = {"name": config.get("method", "duo"), "beta": config.get("beta"), "steps": config.get("steps")}
-    return Lineage(str(folder), config.get("model"), pairs, method)
+    more = tuple(p for p in more if pairs_settings(p) is not None) if pairs else ()
+    return Lineage(str(folder), config.get("model"), pairs, method, more)
+
+
+def _is_data(role: str) -> bool:
+    return role.startswith("data") and role[4:].isdigit()
+
+
+def _data_order(role: str) -> int:
+    return int(role[4:] or 0) if _is_data(role) else -1
 
 
 def seen_prompts(folders: list[str]) -> set[str] | None:
@@ -57,7 +78,7 @@ def seen_prompts(folders: list[str]) -> set[str] | None:
     from duo.data.curate import MANIFEST
     from duo.data.files import read_jsonl
 
-    pairs = [x.pairs for x in map(lora_lineage, folders) if x.pairs]
+    pairs = [p for x in map(lora_lineage, folders) for p in x.all_pairs]
     if not pairs:
         return None
     records = [r for folder in pairs for r in read_jsonl(Path(folder) / MANIFEST)]
@@ -96,12 +117,15 @@ def resolve_inputs(
     lineages = [lora_lineage(d) for d in lora_dirs]
     parent_model = _agreed([x.model for x in lineages if x.model], "model")
     parent_pairs = [x for x in lineages if x.pairs]
-    parent_concept = _agreed_concept([x.concept for x in parent_pairs])
+    parent_concepts = [c for x in parent_pairs for c in x.concepts]
+    parent_concept = _agreed_concept(parent_concepts)
     origin = {}
     resolved_model = _pick("model", model, parent_model, same_model, overrides, origin, lineages)
     resolved_concept = _pick(
         "concept", load_concept(concept) if concept else None, parent_concept, same_concept, overrides, origin, lineages
     )
+    if concept and parent_concept is None and parent_concepts and "concept" not in overrides:
+        _check_among(resolved_concept, parent_concepts, lineages)
     if resolved_model is None:
         raise UserError("--model is required: no --lora made by `duo train` names the model it was trained on.")
     if resolved_concept is None and need_concept:
@@ -128,6 +152,16 @@ def _pick(key, flag, parent, same, overrides: list[str], origin: dict, lineages:
             )
         origin[key] = "override"
     return flag
+
+
+def _check_among(concept: Concept, learned: list[Concept], lineages: list[Lineage]) -> None:
+    """LoRAs of several concepts (combined, or one multi-concept LoRA): --concept must be one of them."""
+    if not any(same_concept(concept, c) for c in learned):
+        names = ", ".join(dict.fromkeys(c.name for c in learned))
+        raise UserError(
+            f"--concept {concept.name} is none of the concepts the LoRAs ({', '.join(x.lora for x in lineages)}) "
+            f"learned ({names}). Pass one of them, or --override concept to measure another (recorded in run.json)."
+        )
 
 
 def _agreed(values: list, key: str):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from duo.data.concepts import Concept, concept_from_dict
+from duo.data.concepts import Concept, concept_from_dict, merge_concepts
 from duo.data.curate import CONFIG, MANIFEST
 from duo.data.files import inside, load_image, read_jsonl, sha256_file
 from duo.errors import UserError
@@ -24,6 +24,14 @@ class PairSet:
     unsafe_images: list[Image.Image]
     safe_images: list[Image.Image]
     data_hash: str
+    # sizes of the consecutive blocks of pairs from each pairs folder (one block unless several were joined):
+    # training draws the blocks in turn, so each concept gets the same share of steps whatever its pair count
+    groups: tuple[int, ...] = ()
+    sources: tuple[Path, ...] = ()
+
+    def __post_init__(self):
+        self.groups = self.groups or (len(self.records),)
+        self.sources = self.sources or (Path(self.folder),)
 
     @property
     def unsafe_prompts(self) -> list[str]:
@@ -72,6 +80,32 @@ def require_pairs(folder: str | Path) -> dict:
 def pairs_concept(folder: str | Path) -> Concept:
     """The concept the pairs were curated for, as it was then (not as the preset reads today)."""
     return concept_from_dict(_concept_fields(require_pairs(folder)["concept"]), str(Path(folder) / RUN_FILE))
+
+
+def load_pair_sets(folders: str | Path | list, part: str | None = None) -> PairSet:
+    """The pairs of one folder, or of several joined for one multi-concept LoRA (`duo train --data A B`).
+
+    Joined, the sets keep their order as blocks (`groups`); the concept is `merge_concepts` of theirs and the
+    data hash is over the sets' hashes in order. Every folder must be at the same resolution."""
+    folders = [folders] if isinstance(folders, (str, Path)) else list(folders)
+    sets = [load_pairs(f, part) for f in folders]
+    if len(sets) == 1:
+        return sets[0]
+    if len({s.resolution for s in sets}) != 1:
+        sizes = ", ".join(f"{s.folder}: {s.resolution} px" for s in sets)
+        raise UserError(f"--data folders differ in resolution ({sizes}); curate them at one resolution.")
+    if len({s.data_hash for s in sets}) != len(sets):
+        raise UserError("--data names the same pairs twice; give each pairs folder once.")
+    return PairSet(
+        sets[0].folder,
+        [r for s in sets for r in s.records],
+        merge_concepts([s.concept for s in sets]),
+        [im for s in sets for im in s.unsafe_images],
+        [im for s in sets for im in s.safe_images],
+        hashlib.sha256("".join(s.data_hash for s in sets).encode()).hexdigest(),
+        groups=tuple(len(s) for s in sets),
+        sources=tuple(s.folder for s in sets),
+    )
 
 
 def load_pairs(folder: str | Path, part: str | None = None) -> PairSet:

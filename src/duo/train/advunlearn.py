@@ -91,6 +91,7 @@ class AdvUnlearnMethod:
 
     def __init__(self, cfg: TrainConfig, family, pairs: PairSet, device):
         self.cfg, self.family, self.device, self.n_pairs = cfg, family, device, len(pairs)
+        self.groups = pairs.groups
         self.t_range = self.timestep_range(cfg, family, pairs)
         self.prompts, self.retain_prompts = _prompts(cfg, pairs)
         self.mean, self.std, self.safe_mean, self.safe_std = unsafe_and_safe_latents(family, pairs, device)
@@ -123,7 +124,7 @@ class AdvUnlearnMethod:
         cfg, G, R = self.cfg, global_batch, self.cfg.retain_batch
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         shape = tuple(self.mean.shape[1:])
-        pair_index = pair_indices(self.n_pairs, cfg.seed, step, G)
+        pair_index = pair_indices(self.groups, cfg.seed, step, G)
         retain_pair = torch.randint(0, self.n_pairs, (G, R), generator=g)
         return AdvDraws(
             pair_index=pair_index,

@@ -25,13 +25,27 @@ def resolve_config(**explicit) -> TrainConfig:
     early = TrainConfig(**explicit)  # a flag of another method, or a value out of its choices, fails before
     early.check_method_flags()  # anything is read
     early.check_choices()
-    data = explicit.get("data")
+    data = early.data_folders
     if not data:
         raise UserError("--data is required: the pairs folder written by `duo curate`")
-    concept_train = require_pairs(data)["concept"].get("train", {}) or {}
+    concept_train = concepts_train_section(data, explicit)
     cfg = config_with_concept_defaults(explicit, concept_train)
     cfg.validate()
     return cfg
+
+
+def concepts_train_section(folders: list[str], explicit: dict) -> dict:
+    """The concept file's `train:` section; with several pairs folders, the sections must agree on every key not
+    given as a flag (a multi-concept LoRA has one recipe)."""
+    sections = [require_pairs(f)["concept"].get("train", {}) or {} for f in folders]
+    keys = {k for s in sections for k in s} - set(explicit)
+    differ = sorted(k for k in keys if len({repr(s.get(k)) for s in sections}) > 1)
+    if differ:
+        raise UserError(
+            f"the --data folders' concepts set different training defaults for {', '.join(differ)}; pass "
+            f"{' '.join('--' + k.replace('_', '-') + ' ...' for k in differ)} to choose one for the joint LoRA."
+        )
+    return sections[0]
 
 
 def run_loop(cfg: TrainConfig) -> Path:

@@ -129,7 +129,8 @@ def write_model_card(out: Path, cfg, pairs, family=None) -> None:
             ("LoRA", f"rank {c.rank}, alpha {c.alpha}, targets {_targets(c, family)}"),
             ("seed", c.seed),
         ]
-    data = [("resolution", f"{pairs.resolution} px"), ("pairs", len(pairs)), ("data", str(pairs.folder))]
+    folders = ", ".join(str(f) for f in pairs.sources)
+    data = [("resolution", f"{pairs.resolution} px"), ("pairs", len(pairs)), ("data", folders)]
     rows = [*common, *specific, *data, ("data hash", pairs.data_hash)]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     title = f"{METHOD_NAMES[c.method].split(' (')[0]} LoRA: {pairs.concept.name} removed"

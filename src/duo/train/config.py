@@ -225,7 +225,8 @@ class RunConfig:
     """The model, the pairs, the output folder and the machine."""
 
     model: str = _f(None, "diffusers pipeline: hub id, local folder, or 'shapes'")
-    data: str = _f(None, "pairs folder written by `duo curate`")
+    # several folders: one LoRA erasing every concept, each concept drawn equally often (duo.data.pairs)
+    data: list[str] | None = _f(None, "pairs folder(s) written by `duo curate`; several train one multi-concept LoRA")
     out: str = _f(None, "output folder for the LoRA, checkpoints and metrics")
     method: str = _f(
         "duo", "; ".join(f"{name}: {spec.summary}" for name, spec in METHODS.items()), choices=list(METHODS)
@@ -266,6 +267,15 @@ def flag_groups() -> list[tuple[str, type]]:
 @dataclass
 class TrainConfig(AdvUnlearnConfig, UceConfig, EsdConfig, DuoConfig, LoopConfig, RunConfig):
     """Every part's fields in one flat record (bases listed in reverse so that RunConfig's come first)."""
+
+    def __post_init__(self):
+        # one folder stays a string: run.json and config.json read as they always did, and old runs resume
+        if isinstance(self.data, (list, tuple)):
+            self.data = self.data[0] if len(self.data) == 1 else list(self.data)
+
+    @property
+    def data_folders(self) -> list[str]:
+        return [] if not self.data else [self.data] if isinstance(self.data, str) else list(self.data)
 
     @property
     def spec(self) -> MethodSpec:

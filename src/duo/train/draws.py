@@ -40,13 +40,20 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
-def pair_indices(n: int, seed: int, step: int, global_batch: int) -> torch.Tensor:
-    """Slots [step·G, (step+1)·G) of an endless sequence of seeded permutations of the n pairs."""
+def pair_indices(n: int | tuple[int, ...], seed: int, step: int, global_batch: int) -> torch.Tensor:
+    """Slots [step·G, (step+1)·G) of an endless sequence of seeded permutations of the n pairs.
+
+    n as block sizes (pairs of several concepts joined, `PairSet.groups`): slot k goes to block k mod K, which
+    runs through its own permutations, so each concept fills the same share of slots whatever its pair count.
+    One block is the plain sequence, draw for draw."""
+    groups = (n,) if isinstance(n, int) else tuple(n)
+    K, starts = len(groups), [sum(groups[:k]) for k in range(len(groups))]
     start = step * global_batch
     out = []
     for pos in range(start, start + global_batch):
-        epoch, offset = divmod(pos, n)
-        out.append(int(epoch_order(n, seed, epoch)[offset]))
+        k, inner = pos % K, pos // K
+        epoch, offset = divmod(inner, groups[k])
+        out.append(starts[k] + int(epoch_order(groups[k], seed, epoch * K + k)[offset]))
     return torch.tensor(out, dtype=torch.long)
 
 
@@ -54,7 +61,7 @@ def draw_step(
     seed: int,
     step: int,
     global_batch: int,
-    n_pairs: int,
+    groups: int | tuple[int, ...],
     latent_shape: tuple[int, ...],
     t_range: tuple[int, int],
     shared_t: bool,
@@ -71,7 +78,7 @@ def draw_step(
     else:
         use_concept = torch.full((G,), conditioning == "concept")
     return StepDraws(
-        pair_index=pair_indices(n_pairs, seed, step, G),
+        pair_index=pair_indices(groups, seed, step, G),
         latent_noise=torch.randn((G, 2, *latent_shape), generator=g),
         noise=torch.randn((G, *latent_shape), generator=g),
         t_lose=t_lose,

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from duo.data.files import append_jsonl, atomic_write_text, read_jsonl
-from duo.data.pairs import PairSet, load_pairs
+from duo.data.pairs import PairSet, load_pair_sets
 from duo.errors import UserError
 from duo.models.lora import attach_lora, get_lora_state, lora_parameters, set_lora_state
 from duo.runs import RunFolder
@@ -80,7 +80,7 @@ def setup(cfg: TrainConfig, make=make_method) -> TrainState:
         raise ValueError(f"--method {cfg.method} is not trained by the loop; run it with duo.train.api.train")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    pairs = load_pairs(cfg.data, cfg.part)
+    pairs = load_pair_sets(cfg.data_folders, cfg.part)
     folder = claim_folder(cfg)
     accelerator = _accelerator(cfg)
     _check_processes(cfg, accelerator)

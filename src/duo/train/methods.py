@@ -129,7 +129,7 @@ class DuoMethod:
         return preference_range(cfg, family, pairs)
 
     def __init__(self, cfg: TrainConfig, family, pairs: PairSet, device):
-        self.cfg, self.family, self.n_pairs = cfg, family, len(pairs)
+        self.cfg, self.family, self.groups = cfg, family, pairs.groups
         self.t_range = self.timestep_range(cfg, family, pairs)
         self.cache = build_cache(family, pairs, cfg, device)  # the reference's conditioning in both placements
         # LoRA on the text encoder: the policy reads prompts through it, encoded live
@@ -173,7 +173,7 @@ class DuoMethod:
             cfg.seed,
             step,
             global_batch,
-            self.n_pairs,
+            self.groups,
             tuple(c.mean.shape[2:]),
             self.t_range,
             cfg.timesteps == "shared",
@@ -281,7 +281,7 @@ class EsdMethod:
                 f"ESD conditions on the concept's words, and concept '{pairs.concept.name}' lists no unsafe_words; "
                 "add them to the concept file."
             )
-        self.cfg, self.family, self.n_pairs, self.words = cfg, family, len(pairs), words
+        self.cfg, self.family, self.groups, self.words = cfg, family, pairs.groups, words
         self.t_range = self.timestep_range(cfg, family, pairs)
         mean, std = encode_pair_latents(family, pairs, device)
         self.mean, self.std = mean[:, 0], std[:, 0]  # unsafe images only
@@ -292,7 +292,7 @@ class EsdMethod:
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
         shape = (global_batch, *self.mean.shape[1:])
         return EsdDraws(
-            pair_index=pair_indices(self.n_pairs, self.cfg.seed, step, global_batch),
+            pair_index=pair_indices(self.groups, self.cfg.seed, step, global_batch),
             latent_noise=torch.randn(shape, generator=g),
             noise=torch.randn(shape, generator=g),
             t=torch.randint(self.t_range[0], self.t_range[1], (global_batch,), generator=g),

@@ -48,7 +48,7 @@ def claim_folder(cfg: TrainConfig, resume: bool | None = None) -> RunFolder:
         out,
         "train",
         config=cfg.to_dict(),
-        parents={"data": cfg.data},
+        parents=data_parents(cfg.data_folders),
         resume=cfg.resume if resume is None else resume,
         overwrite=cfg.overwrite,
         auto_resume=False,
@@ -56,6 +56,11 @@ def claim_folder(cfg: TrainConfig, resume: bool | None = None) -> RunFolder:
         defaults=TrainConfig(method=cfg.method).to_dict(),
         legacy=legacy_config(out),
     )
+
+
+def data_parents(folders: list[str]) -> dict[str, str]:
+    """The pairs a LoRA was trained on as run.json parents: data, then data1, data2, ... for a multi-concept one."""
+    return {("data" if i == 0 else f"data{i}"): folder for i, folder in enumerate(folders)}
 
 
 def legacy_config(out: Path) -> dict | None:

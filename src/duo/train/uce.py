@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from duo.data.files import atomic_write_text
-from duo.data.pairs import load_pairs
+from duo.data.pairs import load_pair_sets
 from duo.errors import UserError
 from duo.models.lora import ADAPTER, attach_lora, get_lora_state
 from duo.objectives import uce_edit
@@ -75,7 +75,7 @@ def edit(cfg: TrainConfig) -> Path:
     from duo.models.family import load_family
 
     cfg.validate()
-    pairs = load_pairs(cfg.data, cfg.part)
+    pairs = load_pair_sets(cfg.data_folders, cfg.part)
     out = Path(cfg.out)
     _refuse_rerun(cfg, out)
     folder = claim_folder(cfg)
