@@ -219,7 +219,7 @@ def test_bad_adversary_flags_are_refused_before_loading(tmp_path, flags, message
 
 
 def test_a_concept_file_sets_the_adversary_and_an_explicit_none_turns_it_off(tmp_path):
-    from duo.train.config import config_with_concept_defaults
+    from duo.train.api import config_with_concept_defaults
 
     section = {"adversarial": "soft-prompt", "adv_vectors": 5, "adv_every": 20, "lam_uncond": 1e4}
     section["conditioning"] = "concept"

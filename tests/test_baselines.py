@@ -161,7 +161,7 @@ def test_uce_lora_reproduces_the_closed_form(tiny_model, pairs_dir, tmp_path):
 
 def test_concept_train_section_tunes_duo_only():
     """shapes-red's `train:` (β 50, attention targets) must not leak into a baseline's settings."""
-    from duo.train.config import config_with_concept_defaults
+    from duo.train.api import config_with_concept_defaults
 
     section = {"beta": 50, "targets": ".*attn[12].*", "steps": 500}
     assert config_with_concept_defaults({"model": "m", "data": "d", "out": "o"}, section).beta == 50

@@ -133,7 +133,7 @@ def test_violence_preset_follows_the_authors_data_and_timesteps():
     """The authors' violence data (datasets/SD/config.json): horror is the bare word against "comfort", 32 pairs
     per part like the others; and their trainer samples t < 750 although violence's SDEdit strength is 0.8."""
     from duo.data.concepts import load_concept
-    from duo.train.config import config_with_concept_defaults
+    from duo.train.api import config_with_concept_defaults
 
     concept = load_concept("violence")
     horror = {p.name: p for p in concept.parts}["horror"]

@@ -13,8 +13,7 @@ from test_train_tiny import assert_same_weights, lora_weights
 
 from duo.cli.main import main
 from duo.errors import UserError
-from duo.train.api import LORA_FILE, resolve_config, train
-from duo.train.config import config_with_concept_defaults
+from duo.train.api import LORA_FILE, config_with_concept_defaults, resolve_config, train
 
 TE = {"lora_on": "text-encoder"}
 ADV = dict(adversarial="concept-inversion", adv_every=2, adv_steps=2, adv_batch=2)

@@ -25,7 +25,7 @@ LAYERS = [
     ["duo.train", "duo.export"],
     ["duo.attacks"],
     ["duo.evaluate", "duo.evaluate_images", "duo.report", "duo.shapes.demo"],
-    ["duo.compare", "duo.sweep", "duo.tune", "duo.demo"],
+    ["duo.compare", "duo.sweep", "duo.benchmark", "duo.benchmark_spec", "duo.tune", "duo.demo"],
     ["duo.cli", "duo.__main__"],
 ]
 MAX_FILE_LINES, MAX_FUNCTION_LINES = 400, 60

@@ -10,11 +10,12 @@ its own (duo.train.uce). Neither imports the other: this module is where the met
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
 
 from duo.data.pairs import require_pairs
 from duo.errors import UserError
-from duo.train.config import TrainConfig, config_with_concept_defaults
+from duo.train.config import TrainConfig
 from duo.train.outputs import LORA_FILE
 
 __all__ = ["LORA_FILE", "RECIPES", "resolve_config", "train", "train_from_flags"]
@@ -32,6 +33,24 @@ def resolve_config(**explicit) -> TrainConfig:
     cfg = config_with_concept_defaults(explicit, concept_train)
     cfg.validate()
     return cfg
+
+
+def config_with_concept_defaults(explicit: dict, concept_train: dict) -> TrainConfig:
+    """Authors' defaults, then the concept file's `train:` section (DUO's settings), then explicit flags."""
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = set(concept_train) - known
+    if unknown:
+        raise UserError(f"the concept's train section has unknown keys {sorted(unknown)}; valid: {sorted(known)}")
+    if explicit.get("method", concept_train.get("method", "duo")) != "duo":
+        concept_train = {}  # the section tunes DUO; a baseline runs with its own authors' settings
+    if explicit.get("recipe") == "authors":
+        concept_train = {}
+    own = concept_train.get("lora_on", "unet")
+    if explicit.get("lora_on", own) != own:  # its targets name modules of the placement it was written for
+        concept_train = {k: v for k, v in concept_train.items() if k != "targets"}
+    if explicit.get("adversarial") == "none":  # the inner attack's knobs go with it
+        concept_train = {k: v for k, v in concept_train.items() if not k.startswith("adv")}
+    return TrainConfig(**{**concept_train, **explicit})
 
 
 def concepts_train_section(folders: list[str], explicit: dict) -> dict:

@@ -92,6 +92,16 @@ def _targets(c, family) -> str:
     return f"`{family.lora_targets(c.method, c.lora_module)}` (the model family's default)"
 
 
+def _data_rows(pairs) -> list[tuple[str, object]]:
+    sources = ", ".join(map(str, pairs.sources))  # several for a multi-concept LoRA
+    return [
+        ("resolution", f"{pairs.resolution} px"),
+        ("pairs", len(pairs)),
+        ("data", sources),
+        ("data hash", pairs.data_hash),
+    ]
+
+
 def write_model_card(out: Path, cfg, pairs, family=None) -> None:
     """`family`, when given, resolves the method's default LoRA layers: they differ between model families."""
     c = cfg
@@ -129,9 +139,7 @@ def write_model_card(out: Path, cfg, pairs, family=None) -> None:
             ("LoRA", f"rank {c.rank}, alpha {c.alpha}, targets {_targets(c, family)}"),
             ("seed", c.seed),
         ]
-    folders = ", ".join(str(f) for f in pairs.sources)
-    data = [("resolution", f"{pairs.resolution} px"), ("pairs", len(pairs)), ("data", folders)]
-    rows = [*common, *specific, *data, ("data hash", pairs.data_hash)]
+    rows = [*common, *specific, *_data_rows(pairs)]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     title = f"{METHOD_NAMES[c.method].split(' (')[0]} LoRA: {pairs.concept.name} removed"
     text = f"""{front_matter(str(c.model), pairs.concept.name)}# {title}

@@ -388,21 +388,3 @@ RESUMABLE_CHANGES = (
     "allow_pickle",
     "threads",
 )
-
-
-def config_with_concept_defaults(explicit: dict, concept_train: dict) -> TrainConfig:
-    """Authors' defaults, then the concept file's `train:` section (DUO's settings), then explicit flags."""
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = set(concept_train) - known
-    if unknown:
-        raise UserError(f"the concept's train section has unknown keys {sorted(unknown)}; valid: {sorted(known)}")
-    if explicit.get("method", concept_train.get("method", "duo")) != "duo":
-        concept_train = {}  # the section tunes DUO; a baseline runs with its own authors' settings
-    if explicit.get("recipe") == "authors":
-        concept_train = {}
-    own = concept_train.get("lora_on", "unet")
-    if explicit.get("lora_on", own) != own:  # its targets name modules of the placement it was written for
-        concept_train = {k: v for k, v in concept_train.items() if k != "targets"}
-    if explicit.get("adversarial") == "none":  # the inner attack's knobs go with it
-        concept_train = {k: v for k, v in concept_train.items() if not k.startswith("adv")}
-    return TrainConfig(**{**concept_train, **explicit})
