@@ -47,6 +47,25 @@ def test_merged_concept_keeps_only_neighbours_showing_no_concept():
     assert "a yellow star on a gray background" in joint.neighbours
 
 
+def test_pairs_whose_safe_side_shows_another_concept_are_dropped(tmp_path):
+    from PIL import Image
+
+    from duo.data.pairs import PairSet, _safe_for_others
+
+    def record(safe: str) -> dict:
+        return {"id": safe, "safe": {"prompt": safe}, "unsafe": {"prompt": "x"}}
+
+    safe = ["a red square on a gray background", "a blue square on a black background", "a Crimson star"]
+    images = [Image.new("RGB", (2, 2), (i, 0, 0)) for i in range(3)]
+    circles = PairSet(tmp_path, [record(p) for p in safe], load_concept("shapes-circle"), images, images, "h")
+    kept = _safe_for_others(circles, [load_concept("shapes-red")])
+    assert [r["id"] for r in kept.records] == [safe[1]] and kept.unsafe_images == [images[1]]
+    assert kept.data_hash != circles.data_hash
+    with pytest.raises(UserError, match="shows shapes-red on its safe side"):
+        _safe_for_others(PairSet(tmp_path, [record(safe[0])], circles.concept, images[:1], images[:1], "h"),
+                         [load_concept("shapes-red")])  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def two_concepts(tmp_path_factory):
     root = tmp_path_factory.mktemp("multi")
@@ -62,7 +81,12 @@ def two_concepts(tmp_path_factory):
 def test_joint_pairs_and_lineage(two_concepts):
     root, data, lora = two_concepts
     pairs = load_pair_sets(data)
-    assert pairs.groups == (2, 4) and len(pairs) == 6 and pairs.concept.name == "shapes-red+shapes-circle"
+    assert pairs.concept.name == "shapes-red+shapes-circle" and sum(pairs.groups) == len(pairs)
+    # a pair whose safe side shows the other concept would teach it back: dropped (circle's edit keeps the colour)
+    red, circle = (load_pair_sets(f) for f in data)
+    keep = [r for r in red.records if "circle" not in r["safe"]["prompt"]]
+    keep += [r for r in circle.records if "red" not in r["safe"]["prompt"].split()]
+    assert pairs.records == keep
     run = read_run(lora)
     assert run["config"]["data"] == data
     folders = [str(root / c) for c in ("shapes-red", "shapes-circle")]

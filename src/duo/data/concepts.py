@@ -231,13 +231,18 @@ def token_prompt(prompt: str, unsafe_words: list[str], token: str) -> str:
     return f"{token} {prompt}" if prompt else token
 
 
+def words_pattern(words: list[str]) -> re.Pattern | None:
+    """Any of the words, whole and in any case (None for no words: nothing matches)."""
+    return re.compile(r"\b(" + "|".join(map(re.escape, words)) + r")\b", re.IGNORECASE) if words else None
+
+
 def merge_concepts(concepts: list[Concept]) -> Concept:
     """What training needs of several concepts erased by one LoRA: their names joined, every unsafe word, and
     the neighbours that show none of the concepts (shapes-red keeps "a purple circle", which shapes-circle
     erases: retaining it would pull against erasing it). Judge, parts and the rest are the first concept's; a
     joined concept is for training only, each concept is still evaluated on its own."""
     words = list(dict.fromkeys(w for c in concepts for w in c.unsafe_words))
-    pattern = re.compile(r"\b(" + "|".join(map(re.escape, words)) + r")\b", re.IGNORECASE) if words else None
+    pattern = words_pattern(words)
     neighbours = [n for c in concepts for n in c.neighbours if pattern is None or not pattern.search(n)]
     return dataclasses.replace(
         concepts[0],

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 
-from duo.data.concepts import Concept, concept_from_dict, merge_concepts
+from duo.data.concepts import Concept, concept_from_dict, merge_concepts, words_pattern
 from duo.data.curate import CONFIG, MANIFEST
 from duo.data.files import inside, load_image, read_jsonl, sha256_file
 from duo.errors import UserError
 from duo.runs import RUN_FILE, read_run
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -91,6 +94,7 @@ def load_pair_sets(folders: str | Path | list, part: str | None = None) -> PairS
     sets = [load_pairs(f, part) for f in folders]
     if len(sets) == 1:
         return sets[0]
+    sets = [_safe_for_others(s, [o.concept for o in sets if o is not s]) for s in sets]
     if len({s.resolution for s in sets}) != 1:
         sizes = ", ".join(f"{s.folder}: {s.resolution} px" for s in sets)
         raise UserError(f"--data folders differ in resolution ({sizes}); curate them at one resolution.")
@@ -106,6 +110,24 @@ def load_pair_sets(folders: str | Path | list, part: str | None = None) -> PairS
         groups=tuple(len(s) for s in sets),
         sources=tuple(s.folder for s in sets),
     )
+
+
+def _safe_for_others(pairs: PairSet, others: list[Concept]) -> PairSet:
+    """The pairs whose safe prompt names none of the other concepts' unsafe words.
+
+    shapes-circle's edit keeps the colour, so its "a red circle → a red square" pair prefers (and its retain term
+    keeps) a red square: trained beside shapes-red, it teaches red back. Such pairs are dropped, not relabelled."""
+    pattern = words_pattern([w for c in others for w in c.unsafe_words])
+    keep = [i for i, r in enumerate(pairs.records) if pattern is None or not pattern.search(r["safe"]["prompt"])]
+    if not keep:
+        names = ", ".join(c.name for c in others)
+        raise UserError(f"every pair of '{pairs.folder}' shows {names} on its safe side; curate pairs without it.")
+    if len(keep) < len(pairs):
+        log.info("%s: %d of %d pairs kept (the rest show another concept)", pairs.folder, len(keep), len(pairs))
+    pick = lambda items: [items[i] for i in keep]  # noqa: E731
+    subset = hashlib.sha256((pairs.data_hash + json.dumps([r["id"] for r in pick(pairs.records)])).encode())
+    return PairSet(pairs.folder, pick(pairs.records), pairs.concept, pick(pairs.unsafe_images),
+                   pick(pairs.safe_images), subset.hexdigest())  # fmt: skip
 
 
 def load_pairs(folder: str | Path, part: str | None = None) -> PairSet:
