@@ -89,3 +89,13 @@ def test_rows_pick_comparison_methods_by_label_and_an_unknown_one_is_refused(tmp
     with pytest.raises(UserError, match="no comparison row is labelled \\['nope'\\]"):
         run_demo(DemoConfig(out=str(tmp_path / "d"), world="shapes", compare=True, rows=["nope"]))
     assert not (tmp_path / "d").exists()
+
+
+def test_summary_without_fid_features_has_no_fid_column_values():
+    """A real model evaluated without --fid-features has no FID: the table says so instead of failing."""
+    from duo.compare import markdown_table, summarise
+
+    run = {"attacks": {"prompts": {"dsr": {"rate": 0.5}}}, "preservation": {"pp": 0.9}}
+    row = summarise("DUO", [run, run], ["prompts"])
+    assert row["fid"] is None and row["pp"]["mean"] == 0.9
+    assert markdown_table([row], ["prompts"], 2).splitlines()[-1].endswith("| 0.900 ± 0.000 | — |")

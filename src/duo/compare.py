@@ -191,7 +191,8 @@ def summarise(label: str, runs: list[dict], attacks: list[str]) -> dict:
         "n_seeds": len(runs),
         "dsr": {a: _mean_sd([r["attacks"][a]["dsr"]["rate"] for r in runs]) for a in attacks},
         "pp": _mean_sd([r["preservation"]["pp"] for r in runs]),
-        "fid": _mean_sd([r["fid"]["original"]["fid"] for r in runs]),
+        # FID only when evaluate had --fid-features (a real model without them has none)
+        "fid": _mean_sd([r["fid"]["original"]["fid"] for r in runs]) if all("fid" in r for r in runs) else None,
     }
 
 
@@ -202,8 +203,10 @@ def markdown_table(rows: list[dict], attacks: list[str], n_seeds: int) -> str:
         cells = [f"{r['dsr'][a]['mean']:.2f} ± {r['dsr'][a]['sd']:.2f}" for a in attacks]
         pp, fid = r["pp"], r["fid"]
         lines.append(
-            f"| {r['label']} | " + " | ".join(cells) + f" | {pp['mean']:.3f} ± {pp['sd']:.3f} | "
-            f"{fid['mean']:.1f} ± {fid['sd']:.1f} |"
+            f"| {r['label']} | "
+            + " | ".join(cells)
+            + f" | {pp['mean']:.3f} ± {pp['sd']:.3f} | "
+            + (f"{fid['mean']:.1f} ± {fid['sd']:.1f} |" if fid else "— |")
         )
     return "\n".join(lines) + "\n"
 

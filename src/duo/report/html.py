@@ -95,7 +95,7 @@ def _comparison(rows: list[dict], attacks: list[str]) -> str:
         pp, fid = r["pp"], r["fid"]
         body.append(
             f"<tr><td>{escape(r['label'])}</td>{cells}<td class='num'>{_fmt(pp['mean'])} ± {_fmt(pp['sd'])}</td>"
-            f"<td class='num'>{_fmt(fid['mean'], 1)} ± {_fmt(fid['sd'], 1)}</td></tr>"
+            + (f"<td class='num'>{_fmt(fid['mean'], 1)} ± {_fmt(fid['sd'], 1)}</td></tr>" if fid else "<td>—</td></tr>")
         )
     figure = base64.b64encode(compare_figure(rows, attacks)).decode()
     seeds = max(r["n_seeds"] for r in rows)
