@@ -190,7 +190,9 @@ def test_with_t5_the_decoded_prompt_conditions_t5(tmp_path):
     assert not calls  # T5 is frozen: a text it has read is not read again
     direct = family.text2image([PROMPT], [0], steps=2, guidance=5.0)
     packed = family.text2image(["x"], [0], steps=2, guidance=5.0, prompt_embeds=emb[:1])
-    np.testing.assert_array_equal(np.asarray(direct[0]), np.asarray(packed[0]))
+    # the same conditioning by two float paths: a pixel may round the other way on some CPUs (1/255 on 1 of 12288
+    # values was seen), so equal up to one level of 8-bit rounding
+    np.testing.assert_allclose(np.asarray(direct[0], dtype=int), np.asarray(packed[0], dtype=int), atol=1, rtol=0)
 
 
 def test_placeholders_get_one_id_in_both_clip_tables(sd3_model):
