@@ -30,6 +30,9 @@ def main() -> None:
     parser.add_argument("--attacks", nargs="+", default=["prompts"])
     parser.add_argument("--images-per-prompt", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--joint-steps", type=int, nargs="+", default=[0], help="joint LoRA training steps (0: the preset's)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -39,9 +42,12 @@ def main() -> None:
     rows: dict[tuple[str, str], list[dict]] = {}
     for seed in args.seeds:
         single = {c: train_point("shapes", data[c], out / f"seed{seed}" / c, {}, seed, "cpu") for c in CONCEPTS}
-        joint = train_point("shapes", [data[c] for c in CONCEPTS], out / f"seed{seed}" / "joint", {}, seed, "cpu")
-        both = list(single.values())
-        sets = {"own LoRA": None, "joint LoRA (--data red circle)": [joint], "both LoRAs combined": both}
+        sets = {"own LoRA": None}
+        for steps in args.joint_steps:  # the preset's steps share them between the concepts; 2× gives each as many
+            name, flags = ("joint", {}) if not steps else (f"joint-steps{steps}", {"steps": steps})
+            joint = train_point("shapes", [data[c] for c in CONCEPTS], out / f"seed{seed}" / name, flags, seed, "cpu")
+            sets[f"joint LoRA{f', {steps} steps' if steps else ''} (--data red circle)"] = [joint]
+        sets["both LoRAs combined"] = list(single.values())
         for concept in CONCEPTS:
             point = PointConfig("shapes", concept, args.attacks, n_prompts=8, images_per_prompt=args.images_per_prompt)
             for label, loras in sets.items():
@@ -55,7 +61,7 @@ def main() -> None:
 
 
 def slug(label: str) -> str:
-    return label.split(" (")[0].replace(" ", "-").lower()
+    return label.split(" (")[0].replace(",", "").replace(" ", "-").lower()
 
 
 def summary(rows: dict) -> dict:
