@@ -14,12 +14,13 @@ only with --overwrite, and only if it is an export folder (it holds export.json)
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from duo.data.files import sha256_file
+from duo.data.files import _umask, atomic_write_bytes, sha256_file
 from duo.errors import UserError
 from duo.runs import now, package_versions, read_run
 
@@ -52,6 +53,7 @@ def export(cfg: ExportConfig) -> Path:
     _check_out(out, run, cfg.overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the export should read like any folder written here
     try:
         files = _write(cfg, run, model, tmp)
         record = {
@@ -114,7 +116,7 @@ def _write(cfg: ExportConfig, run: Path, model: str, tmp: Path) -> dict[str, str
 
 def _write_kohya(run: Path, model: str, path: Path) -> None:
     from safetensors import safe_open
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from duo.models.family import family_class
     from duo.models.kohya import read_layers
@@ -123,7 +125,7 @@ def _write_kohya(run: Path, model: str, path: Path) -> None:
     with safe_open(str(run / LORA_FILE), "pt") as f:
         metadata = dict(f.metadata() or {})
     metadata.update({"duo.format": "kohya", "duo.source_lora_sha256": sha256_file(run / LORA_FILE)})
-    save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata=metadata)
+    atomic_write_bytes(path, save({k: v.contiguous() for k, v in state.items()}, metadata=metadata))
 
 
 def _write_fused(run: Path, model: str, tmp: Path, device: str, allow_pickle: bool) -> None:
