@@ -32,6 +32,8 @@ VARIANTS = {
     "DUO-adv": DUO_ADV,
     "DUO-adv soft+ud turns": BOTH,
     "DUO-adv soft+ud all": {**BOTH, "adv_rounds": "all"},
+    # the same inner-attack steps in half as many, stronger rounds (docs/robust_duo.md, 20 every 20)
+    "DUO-adv soft+ud all s20e20": {**BOTH, "adv_rounds": "all", "adv_steps": 20, "adv_every": 20},
 }
 
 
