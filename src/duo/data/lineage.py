@@ -128,6 +128,9 @@ def resolve_inputs(
         _check_among(resolved_concept, parent_concepts, lineages)
     if resolved_model is None:
         raise UserError("--model is required: no --lora made by `duo train` names the model it was trained on.")
+    if resolved_concept is None and need_concept and parent_concepts:
+        names = ", ".join(dict.fromkeys(c.name for c in parent_concepts))
+        raise UserError(f"--concept is required: the LoRAs learned several concepts ({names}); pass the one to test.")
     if resolved_concept is None and need_concept:
         raise UserError(
             "--concept is required: no --lora made by `duo train` (from `duo curate` pairs) names its concept. "
