@@ -56,6 +56,15 @@ VARIANTS = {
         "adv_steps": 20,
         "adv_every": 20,
     },
+    # β 25 as the base (plain DUO β 25 holds UnlearnDiffAtk at 0.85 where β 50 gives 0.58)
+    "DUO-adv soft+ud all anchored s20e20 b25": {
+        **DUO_ADV,
+        "adversarial": "soft-prompt+unlearndiff",
+        "adv_rounds": "all",
+        "adv_steps": 20,
+        "adv_every": 20,
+        "beta": 25.0,
+    },
     "AdvUnlearn": ADVUNLEARN,  # the robust anchor to beat: the compare row's settings
 }
 ATTACKS = {
