@@ -217,8 +217,31 @@ def column_name(cell: str) -> str:
     return f"{name} ({split or 'held-out'})"
 
 
+@dataclass(kw_only=True)
+class PointFlags:
+    """The attack and evaluation flags a command running comparison points shares (`duo sweep`, `duo tune`)."""
+
+    budget: str = field(default="small", metadata={"help": "attack budget: small or paper"})
+    n_prompts: int | None = field(default=None, metadata={"help": "attack targets (default: the budget's)"})
+    images_per_prompt: int | None = field(default=None, metadata={"help": "images per attack prompt"})
+    eval_prompts: int = field(default=30, metadata={"help": "neutral prompts of the evaluation"})
+    prompts_file: str | None = field(default=None, metadata={"help": "neutral prompts for `duo evaluate`"})
+    lpips: str | None = field(default=None, metadata={"help": "LPIPS network for `duo evaluate`"})
+    fid_features: str | None = field(default=None, metadata={"help": "FID features for `duo evaluate`"})
+    device: str = field(default="cpu", metadata={"help": "cpu, cuda, ..."})
+
+    def point(self, **extra) -> PointConfig:
+        """Needs `model`, `data` and `attacks` on the subclass."""
+        return PointConfig(
+            model=self.model, concept=concept_of(self.data), attacks=self.attacks, budget=self.budget,
+            n_prompts=self.n_prompts, images_per_prompt=self.images_per_prompt, eval_prompts=self.eval_prompts,
+            prompts_file=self.prompts_file, lpips=self.lpips, fid_features=self.fid_features, device=self.device,
+            **extra,
+        )  # fmt: skip
+
+
 @dataclass
-class SweepConfig:
+class SweepConfig(PointFlags):
     model: str = field(metadata={"help": "diffusers pipeline: hub id, local folder, or 'shapes'"})
     data: str = field(metadata={"help": "pairs folder written by `duo curate`"})
     out: str = field(metadata={"help": "sweep folder: beta{β}/seed{s}/ per point, compare.md and report.html"})
@@ -229,23 +252,10 @@ class SweepConfig:
         default_factory=list,
         metadata={"help": "attacks also run on the training targets, beside the held-out ones (e.g. prompts)"},
     )
-    budget: str = field(default="small", metadata={"help": "attack budget: small or paper"})
-    n_prompts: int | None = field(default=None, metadata={"help": "attack targets (default: the budget's)"})
-    images_per_prompt: int | None = field(default=None, metadata={"help": "images per attack prompt"})
-    eval_prompts: int = field(default=30, metadata={"help": "neutral prompts of the evaluation"})
-    prompts_file: str | None = field(default=None, metadata={"help": "neutral prompts for `duo evaluate`"})
-    lpips: str | None = field(default=None, metadata={"help": "LPIPS network for `duo evaluate`"})
-    fid_features: str | None = field(default=None, metadata={"help": "FID features for `duo evaluate`"})
     seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "seeds of training, attacks, evaluation"})
-    device: str = field(default="cpu", metadata={"help": "cpu, cuda, ..."})
 
     def point(self) -> PointConfig:
-        return PointConfig(
-            model=self.model, concept=concept_of(self.data), attacks=self.attacks, budget=self.budget,
-            n_prompts=self.n_prompts, images_per_prompt=self.images_per_prompt, eval_prompts=self.eval_prompts,
-            prompts_file=self.prompts_file, lpips=self.lpips, fid_features=self.fid_features, device=self.device,
-            training_attacks=tuple(self.training_attacks),
-        )  # fmt: skip
+        return super().point(training_attacks=tuple(self.training_attacks))
 
 
 def sweep(cfg: SweepConfig) -> list[dict]:

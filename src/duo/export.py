@@ -48,17 +48,17 @@ class ExportConfig:
 
 def export(cfg: ExportConfig) -> Path:
     """Check everything, write the export under a temporary name, move it into place; returns --out."""
-    run, model = _train_folder(Path(cfg.run))
+    run, model, source = _train_folder(Path(cfg.run))
     out = Path(cfg.out)
     _check_out(out, run, cfg.overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the export should read like any folder written here
     try:
-        files = _write(cfg, run, model, tmp)
+        files = _write(cfg, run, model, tmp, source)
         record = {
             "format": cfg.format, "source": str(run), "model": model,
-            "source_lora_sha256": sha256_file(run / LORA_FILE), "files": files,
+            "source_lora_sha256": source, "files": files,
             "versions": package_versions(), "written": now(),
         }  # fmt: skip
         (tmp / EXPORT_FILE).write_text(json.dumps(record, indent=2))
@@ -68,8 +68,8 @@ def export(cfg: ExportConfig) -> Path:
     return out
 
 
-def _train_folder(run: Path) -> tuple[Path, str]:
-    """(folder, base model) of a finished train folder, or a UserError naming what is wrong and the fix."""
+def _train_folder(run: Path) -> tuple[Path, str, str]:
+    """(folder, base model, LoRA sha256) of a finished train folder, or a UserError naming the fault and the fix."""
     record = read_run(run)
     if record is None or record.get("kind") != "train":
         what = "does not exist" if not run.exists() else "is not a `duo train` folder (no train run.json)"
@@ -79,12 +79,13 @@ def _train_folder(run: Path) -> tuple[Path, str]:
             f"'{run}' holds an unfinished training (no finished run.json / {LORA_FILE}). "
             "Finish it with `duo train ... --resume`, then export."
         )
-    if record.get("outputs", {}).get(LORA_FILE) not in (None, sha256_file(run / LORA_FILE)):
+    source = sha256_file(run / LORA_FILE)
+    if record.get("outputs", {}).get(LORA_FILE) not in (None, source):
         raise UserError(
             f"'{run / LORA_FILE}' changed since `duo train` wrote it (its hash differs from run.json's). "
             "Export the LoRA as trained: retrain, or restore the file."
         )
-    return run, record["config"]["model"]
+    return run, record["config"]["model"], source
 
 
 def _check_out(out: Path, run: Path, overwrite: bool) -> None:
@@ -101,12 +102,12 @@ def _check_out(out: Path, run: Path, overwrite: bool) -> None:
         )
 
 
-def _write(cfg: ExportConfig, run: Path, model: str, tmp: Path) -> dict[str, str]:
+def _write(cfg: ExportConfig, run: Path, model: str, tmp: Path, source: str) -> dict[str, str]:
     """Write the format's files into tmp; {file: sha256} of what was written."""
     if cfg.format == "diffusers":
         shutil.copy2(run / LORA_FILE, tmp / LORA_FILE)
     elif cfg.format == "kohya":
-        _write_kohya(run, model, tmp / f"{cfg.name or run.resolve().name}.safetensors")
+        _write_kohya(run, model, tmp / f"{cfg.name or run.resolve().name}.safetensors", source)
     else:
         _write_fused(run, model, tmp, cfg.device, cfg.allow_pickle)
     if (run / CARD_FILE).is_file():
@@ -114,7 +115,7 @@ def _write(cfg: ExportConfig, run: Path, model: str, tmp: Path) -> dict[str, str
     return {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
 
 
-def _write_kohya(run: Path, model: str, path: Path) -> None:
+def _write_kohya(run: Path, model: str, path: Path, source: str) -> None:
     from safetensors import safe_open
     from safetensors.torch import save
 
@@ -124,7 +125,7 @@ def _write_kohya(run: Path, model: str, path: Path) -> None:
     state = family_class(model).kohya_state(read_layers(run / LORA_FILE))
     with safe_open(str(run / LORA_FILE), "pt") as f:
         metadata = dict(f.metadata() or {})
-    metadata.update({"duo.format": "kohya", "duo.source_lora_sha256": sha256_file(run / LORA_FILE)})
+    metadata.update({"duo.format": "kohya", "duo.source_lora_sha256": source})
     atomic_write_bytes(path, save({k: v.contiguous() for k, v in state.items()}, metadata=metadata))
 
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from duo.compare import Method, PointConfig, check_attacks, column_name, concept_of, run_point, train_point
+from duo.compare import Method, PointConfig, PointFlags, check_attacks, column_name, run_point, train_point
 from duo.data.files import atomic_write_text
 from duo.errors import UserError
 from duo.runs import RunFolder
@@ -28,7 +28,7 @@ CHOSEN = "chosen"  # out/chosen/: a self-contained copy of the chosen LoRA folde
 
 
 @dataclass
-class TuneConfig:
+class TuneConfig(PointFlags):
     model: str = field(metadata={"help": "diffusers pipeline: hub id, local folder, or 'shapes'"})
     data: str = field(metadata={"help": "pairs folder written by `duo curate`"})
     out: str = field(metadata={"help": "tune folder: beta{β}/seed{s}/ per point, tune.json, tune.md, chosen/"})
@@ -48,17 +48,9 @@ class TuneConfig:
         default=4, metadata={"help": "β values evaluated in all, grid included (each: train + attacks + evaluate)"}
     )
     steps: int | None = field(default=None, metadata={"help": "training steps (default: the concept's)"})
-    budget: str = field(default="small", metadata={"help": "attack budget: small or paper"})
-    n_prompts: int | None = field(default=None, metadata={"help": "attack targets (default: the budget's)"})
-    images_per_prompt: int | None = field(default=None, metadata={"help": "images per attack prompt"})
-    eval_prompts: int = field(default=30, metadata={"help": "neutral prompts of the evaluation"})
-    prompts_file: str | None = field(default=None, metadata={"help": "neutral prompts for `duo evaluate`"})
-    lpips: str | None = field(default=None, metadata={"help": "LPIPS network for `duo evaluate`"})
-    fid_features: str | None = field(default=None, metadata={"help": "FID features for `duo evaluate`"})
     seeds: list[int] = field(
         default_factory=lambda: [0], metadata={"help": "seeds per β (DSR and PP are their means); chosen/ is the first"}
     )
-    device: str = field(default="cpu", metadata={"help": "cpu, cuda, ..."})
 
     def check(self) -> None:
         """Every flag a user can get wrong, before any model loads."""
@@ -85,13 +77,6 @@ class TuneConfig:
             raise UserError("--seeds needs at least one seed, e.g. --seeds 0")
         if self.steps is not None and self.steps < 1:
             raise UserError(f"--steps {self.steps}: give a positive number of training steps")
-
-    def point(self) -> PointConfig:
-        return PointConfig(
-            model=self.model, concept=concept_of(self.data), attacks=self.attacks, budget=self.budget,
-            n_prompts=self.n_prompts, images_per_prompt=self.images_per_prompt, eval_prompts=self.eval_prompts,
-            prompts_file=self.prompts_file, lpips=self.lpips, fid_features=self.fid_features, device=self.device,
-        )  # fmt: skip
 
 
 # ---- the search: pure functions of the results seen, tested with a synthetic evaluator ----

@@ -28,7 +28,8 @@ def add_dataclass_flags(
 ) -> None:
     """One flag per field. With suppress_defaults, only flags the user typed reach the namespace."""
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
+    # keyword-only fields (shared flags from a base class) after the command's own, as `--help` reads best
+    for f in sorted(dataclasses.fields(cls), key=lambda f: f.kw_only is True):
         if f.name in skip:
             continue
         tp, is_list = _base_type(hints[f.name])
