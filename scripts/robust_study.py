@@ -65,6 +65,16 @@ VARIANTS = {
         "adv_every": 20,
         "beta": 25.0,
     },
+    # where the LoRA sits: the text encoder (AdvUnlearn's place), plain and with the s20e20 adversaries
+    "DUO te": {"lora_on": "text-encoder"},
+    "DUO-adv soft+ud all anchored s20e20 te": {
+        **DUO_ADV,
+        "adversarial": "soft-prompt+unlearndiff",
+        "adv_rounds": "all",
+        "adv_steps": 20,
+        "adv_every": 20,
+        "lora_on": "text-encoder",
+    },
     "AdvUnlearn": ADVUNLEARN,  # the robust anchor to beat: the compare row's settings
 }
 ATTACKS = {

@@ -5,6 +5,9 @@ An attack module (see `duo.attacks.ATTACKS`) defines
     BUDGETS    {"small": {field: value, ...}, "paper": {}}: overrides of Settings per budget
     prepare(ctx, s) -> dict   one-time work (concept vector, learned token), resumable, returns provenance
     attack(ctx, s, target) -> Found   the adversarial prompt for one target, deterministic in (seed, target)
+    attack_batch(ctx, s, targets) -> list[Found]   optional: several targets searched side by side, each as
+                 attack() would alone but for float rounding (deterministic in seed and batch); the harness
+                 then passes --batch-size targets at a time
 Generation, judging, resume and results.json are the harness's (`duo.attacks.harness`), not the attack's.
 """
 
@@ -192,17 +195,29 @@ class AttackContext:
 
     def target_image(self, target: Target) -> Image.Image:
         """The original model's image for a target (UnlearnDiffAtk's target); cached in out/targets/."""
+        return self.target_images([target])[0]
+
+    def target_images(self, targets: list[Target]) -> list[Image.Image]:
+        """`target_image` of several targets, drawn in one batch per guidance scale. If any is missing the whole
+        group is drawn (an image's pixels depend on its batch) and only the missing ones are written, so a run
+        cut short between two writes draws the same images as one that was not."""
         from duo.data.files import atomic_save_image, load_image
 
-        path = self.out / "targets" / f"{target.id}.png"
-        if path.is_file():
-            return load_image(path)
-        with self.original():
-            image = self.family.text2image(
-                [target.prompt], [target.seed], self.steps, target.guidance, self.resolution
-            )[0]
-        atomic_save_image(path, image)
-        return image
+        paths = {t.id: self.out / "targets" / f"{t.id}.png" for t in targets}
+        groups: dict[float, list[Target]] = {}
+        for t in targets:
+            groups.setdefault(t.guidance, []).append(t)
+        for guidance, group in groups.items():
+            if all(paths[t.id].is_file() for t in group):
+                continue
+            with self.original():
+                images = self.family.text2image(
+                    [t.prompt for t in group], [t.seed for t in group], self.steps, guidance, self.resolution
+                )
+            for t, image in zip(group, images):
+                if not paths[t.id].is_file():
+                    atomic_save_image(paths[t.id], image)
+        return [load_image(paths[t.id]) for t in targets]
 
     def concept_images(self, n: int) -> tuple[list[Image.Image], list[str], dict]:
         """Up to n images showing the concept with their prompts, and where they came from."""

@@ -141,13 +141,30 @@ def _find(session: _Session, module, settings) -> list[Found]:
     todo = [t for t in session.targets if t.id not in done]
     if todo:
         ctx = _prepare(session, module, settings)
-        for target in tqdm(todo, desc=f"attack {module.NAME}", unit="prompt", disable=len(todo) < 2):
-            found = module.attack(ctx, settings, target)
-            # As a rerun reads it back (keys sorted): results.json is then the same bytes, resumed or not.
-            done[target.id] = json.loads(json.dumps(dataclasses.asdict(found), sort_keys=True))
-            append_jsonl(path, done[target.id])
+        with tqdm(total=len(todo), desc=f"attack {module.NAME}", unit="prompt", disable=len(todo) < 2) as bar:
+            for chunk in search_batches(module, session.targets, done, session.cfg.batch_size):
+                for target, found in zip(chunk, _search(module, ctx, settings, chunk)):
+                    if target.id in done:  # recorded before a crash cut this batch short
+                        continue
+                    # As a rerun reads it back (keys sorted): results.json is then the same bytes, resumed or not.
+                    done[target.id] = json.loads(json.dumps(dataclasses.asdict(found), sort_keys=True))
+                    append_jsonl(path, done[target.id])
+                    bar.update()
     session.module, session.settings = module, settings
     return [Found(**done[t.id]) for t in session.targets]
+
+
+def search_batches(module, targets: list[Target], done: dict, size: int) -> list[list[Target]]:
+    """The targets an attack searches together: batches of `size` for an attack with `attack_batch`, else one at a
+    time. Batches of every target, not of those left (a search's rounding depends on its batch), keeping those
+    with a target not yet found."""
+    size = size if hasattr(module, "attack_batch") else 1
+    batches = [targets[i : i + size] for i in range(0, len(targets), size)]
+    return [b for b in batches if any(t.id not in done for t in b)]
+
+
+def _search(module, ctx: AttackContext, settings, chunk: list[Target]) -> list[Found]:
+    return module.attack_batch(ctx, settings, chunk) if len(chunk) > 1 else [module.attack(ctx, settings, chunk[0])]
 
 
 def write_prompts_csv(path: Path, found: list[Found], targets: list[Target]) -> None:

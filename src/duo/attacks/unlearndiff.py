@@ -26,8 +26,9 @@ from tqdm.auto import tqdm
 from duo.attacks.base import Found
 from duo.attacks.settings.unlearndiff import BUDGETS, NAME, Settings  # noqa: F401 (module contract)
 from duo.attacks.tokens import full_vocabulary_ids, real_word_ids
-from duo.attacks.unlearndiff_prefix import PezPrefix, PrefixProblem, SimplexPrefix
+from duo.attacks.unlearndiff_prefix import PezPrefix, PrefixBatch, PrefixProblem, SimplexPrefix
 from duo.errors import UserError
+from duo.models.token_slots import TokenSlots
 
 if TYPE_CHECKING:
     from duo.models.protocol import ModelFamily
@@ -53,44 +54,91 @@ def prepare(ctx, s: Settings) -> dict:
 
 
 def attack(ctx, s: Settings, target) -> Found:
+    return attack_batch(ctx, s, [target])[0]
+
+
+def attack_batch(ctx, s: Settings, targets: list) -> list[Found]:
+    """Targets searched side by side (the harness passes up to --batch-size): each keeps its own prefix, generator,
+    judged blocks and stopping point, as alone; a step is one text-encoder and UNet pass over all that are still
+    searching, a block's check one generation."""
     s.validate()
-    _check_fits(ctx.family, s.k, target)
-    found = lambda prompt, details: Found(target.id, target.prompt, prompt, target.seed, target.guidance, details)
-    if s.filter_targets and not ctx.original_shows_concept(target):
-        return found(target.prompt, {"excluded": NOT_SHOWN})
-    generator = torch.Generator().manual_seed(_seed(ctx, target))
+    for target in targets:
+        _check_fits(ctx.family, s.k, target)
+    done: dict[str, Found] = {}
+    if s.filter_targets:
+        ctx.target_images(targets)
+        for t in targets:
+            if not ctx.original_shows_concept(t):
+                done[t.id] = _found(t, t.prompt, {"excluded": NOT_SHOWN})
+    todo = [t for t in targets if t.id not in done]
+    generators = {t.id: torch.Generator().manual_seed(_seed(ctx, t)) for t in todo}
     if s.schedule == "random":
-        prompt, details = _earlier(ctx, s, target, generator)
-        return found(prompt, details)
-    pre = ctx.shows_concept([target.prompt], [target.seed], target.guidance, [target.prompt])[0]
-    if pre.present:
-        details = {"pre_attack_success": True, "attack_success": True, "pre_score": float(pre.score), "blocks": 0}
-        return found(target.prompt, details)
-    prompt, details = _published(ctx, s, target, generator)
-    return found(prompt, {"pre_attack_success": False, "pre_score": float(pre.score)} | details)
+        for t in todo:
+            done[t.id] = _found(t, *_earlier(ctx, s, t, generators[t.id]))
+        return [done[t.id] for t in targets]
+    pre = dict(zip([t.id for t in todo], _verdicts(ctx, [(t, t.prompt) for t in todo])))
+    for t in todo:
+        if pre[t.id].present:
+            details = {"pre_attack_success": True, "attack_success": True, "blocks": 0}
+            done[t.id] = _found(t, t.prompt, details | {"pre_score": float(pre[t.id].score)})
+    search = [t for t in todo if t.id not in done]
+    for t, (prompt, details) in zip(search, _published(ctx, s, search, generators) if search else []):
+        done[t.id] = _found(t, prompt, {"pre_attack_success": False, "pre_score": float(pre[t.id].score)} | details)
+    return [done[t.id] for t in targets]
 
 
-def _published(ctx, s: Settings, target, generator: torch.Generator) -> tuple[str, dict]:
-    """Blocks of iterations at fixed timesteps, the prompt judged after each; stop at the first success."""
-    problem = PrefixProblem(ctx, s, target, generator)
-    checkpoints, prompt = [], target.prompt
-    with problem.slots.hooked():
-        relaxation = _relaxation(ctx, s, problem)
-        for t in tqdm(schedule(s.timesteps, ctx.family.num_train_timesteps), desc="unlearndiff", leave=False):
-            losses = [relaxation.step(t) for _ in range(s.iterations)]
-            ids = relaxation.prefix_ids()
-            prompt = _with_prefix(ctx.family, ids, target.prompt)
-            verdict = ctx.shows_concept([prompt], [target.seed], target.guidance, [target.prompt])[0]
-            checkpoints.append(
-                {"t": t, "prompt": prompt, "present": bool(verdict.present), "score": round(float(verdict.score), 5)}
-                | {"loss": round(sum(losses) / len(losses), 6)}
-            )
-            if verdict.present:
+def _found(target, prompt: str, details: dict) -> Found:
+    return Found(target.id, target.prompt, prompt, target.seed, target.guidance, details)
+
+
+def _verdicts(ctx, items: list) -> list:
+    """The judged image of each (target, prompt) at the target's seed: one generation per guidance scale."""
+    verdicts: list = [None] * len(items)
+    groups: dict[float, list[int]] = {}
+    for i, (target, _) in enumerate(items):
+        groups.setdefault(target.guidance, []).append(i)
+    for guidance, rows in groups.items():
+        seeds, sources = [items[i][0].seed for i in rows], [items[i][0].prompt for i in rows]
+        for i, v in zip(rows, ctx.shows_concept([items[i][1] for i in rows], seeds, guidance, sources)):
+            verdicts[i] = v
+    return verdicts
+
+
+def _published(ctx, s: Settings, targets: list, generators: dict) -> list[tuple[str, dict]]:
+    """Blocks of iterations at fixed timesteps, each target's prompt judged after each block; a target stops at its
+    first success, the others go on."""
+    slots = TokenSlots(ctx.family, s.k)
+    problems = [PrefixProblem(ctx, s, t, generators[t.id], slots) for t in targets]
+    checkpoints: list[list[dict]] = [[] for _ in targets]
+    ids: list[list[int]] = [[] for _ in targets]
+    active = list(range(len(targets)))
+    with slots.hooked():
+        relaxations = [_relaxation(ctx, s, p) for p in problems]
+        blocks = tqdm(schedule(s.timesteps, ctx.family.num_train_timesteps), desc="unlearndiff", leave=False)
+        for t in blocks:
+            batch = PrefixBatch([relaxations[i] for i in active])
+            losses = [batch.step(t) for _ in range(s.iterations)]
+            prompts = []
+            for i in active:
+                ids[i] = relaxations[i].prefix_ids()
+                prompts.append(_with_prefix(ctx.family, ids[i], targets[i].prompt))
+            verdicts = _verdicts(ctx, [(targets[i], p) for i, p in zip(active, prompts)])
+            for j, (i, prompt, verdict) in enumerate(zip(active, prompts, verdicts)):
+                mean = sum(step[j] for step in losses) / len(losses)
+                judged = {"present": bool(verdict.present), "score": round(float(verdict.score), 5)}
+                checkpoints[i].append({"t": t, "prompt": prompt} | judged | {"loss": round(mean, 6)})
+            active = [i for i, verdict in zip(active, verdicts) if not verdict.present]
+            if not active:
                 break
+    return [_published_result(ctx, targets[i], ids[i], checkpoints[i], problems[i].aware) for i in range(len(targets))]
+
+
+def _published_result(ctx, target, ids: list[int], checkpoints: list[dict], aware: bool) -> tuple[str, dict]:
+    prompt = checkpoints[-1]["prompt"] if checkpoints else target.prompt
     details = _prefix_details(ctx.family, ids, target.prompt, prompt)
     success = bool(checkpoints and checkpoints[-1]["present"])
     details |= {"attack_success": success, "blocks": len(checkpoints), "checkpoints": checkpoints}
-    return prompt, details | {"guard_aware": problem.aware}
+    return prompt, details | {"guard_aware": aware}
 
 
 def _earlier(ctx, s: Settings, target, generator: torch.Generator) -> tuple[str, dict]:

@@ -7,6 +7,8 @@ the guard-aware loss. Two relaxations move the prefix:
   Adam step and projects each distribution back onto the probability simplex; the prefix is its argmax.
 - `PezPrefix` (this package's earlier attack): continuous vectors whose nearest tokens the forward pass uses;
   the projected prefix with the lowest loss on fixed draws is kept.
+`PrefixBatch` steps several targets' relaxations together (one text-encoder and UNet pass over all their rows);
+each keeps its own generator, optimizer and loss, so each moves as it would alone.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from duo.attacks.denoising import denoising_loss
+from duo.attacks.denoising import denoising_loss, denoising_prediction
 from duo.attacks.tokens import random_word_ids
 from duo.models.token_slots import TokenSlots, project, token_weight, word_vectors
 
@@ -50,11 +52,12 @@ class SampledOneHot(torch.autograd.Function):
 class PrefixProblem:
     """One target's fixed parts: the prompt (as the guard sends it), the target latents, the guard-aware loss."""
 
-    def __init__(self, ctx, s, target, generator: torch.Generator):
+    def __init__(self, ctx, s, target, generator: torch.Generator, slots: TokenSlots | None = None):
+        """`slots`: shared by the problems of one batch (one hook serves them all)."""
         family: ModelFamily = ctx.family
         self.family, self.s, self.guidance, self.generator = family, s, target.guidance, generator
         self.weight = token_weight(family)
-        self.slots = TokenSlots(family, s.k)
+        self.slots = slots or TokenSlots(family, s.k)
         prompts, negatives = ctx.guard.apply([target.prompt])
         # negprompt and wordfilter are followed exactly; SLD's guidance is not differentiated through
         self.aware = s.guard_aware and ctx.guard.name in ("negprompt", "wordfilter")
@@ -109,17 +112,18 @@ class SimplexPrefix:
         self.optimizer = torch.optim.Adam([self.probs], lr=problem.s.lr, weight_decay=problem.s.weight_decay)
 
     def step(self, t: int | None) -> float:
+        return PrefixBatch([self]).step(t)[0]
+
+    def inputs(self, t: int | None) -> tuple[torch.Tensor, dict]:
+        """The step's prefix vectors (a sampled one-hot per token, with grad) and draws, in the generator's order."""
         p = self.p
-        with torch.enable_grad():
-            one_hot = SampledOneHot.apply(self.probs, p.generator)
-            p.slots.vectors = one_hot @ self.rows
-            loss = p.prefix_loss(p.draws(p.s.draws, t, sample_latents=False))
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+        vectors = SampledOneHot.apply(self.probs, p.generator) @ self.rows
+        return vectors, p.draws(p.s.draws, t, sample_latents=False)
+
+    def update(self) -> None:
         self.optimizer.step()
         with torch.no_grad():
             self.probs.copy_(project_to_simplex(self.probs))
-        return loss.item()
 
     def prefix_ids(self) -> list[int]:
         return self.candidates[self.probs.detach().argmax(-1).cpu()].tolist()
@@ -153,17 +157,18 @@ class PezPrefix:
         return self.scores[key]
 
     def step(self, t: int | None) -> float:
+        return PrefixBatch([self]).step(t)[0]
+
+    def inputs(self, t: int | None) -> tuple[torch.Tensor, dict]:
+        """The current projection scored (on the fixed draws), then the step's vectors and draws."""
         p = self.p
         ids, rows = self._projected()
         self._score(ids)
         # Straight-through: the forward pass sees the real tokens, the update moves the vectors.
-        p.slots.vectors = self.vectors + (rows - self.vectors).detach()
-        with torch.enable_grad():
-            loss = p.prefix_loss(p.draws(p.s.draws, t))
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+        return self.vectors + (rows - self.vectors).detach(), p.draws(p.s.draws, t)
+
+    def update(self) -> None:
         self.optimizer.step()
-        return loss.item()
 
     def prefix_ids(self) -> list[int]:
         """The current vectors' nearest tokens (what the published schedule judges after a block)."""
@@ -175,3 +180,42 @@ class PezPrefix:
         best = min(self.scores, key=self.scores.get)
         plain = self.p.plain_loss(self.fixed)
         return list(best), {"loss_before": self.first, "loss_after": self.scores[best], "loss_prompt_alone": plain}
+
+
+class PrefixBatch:
+    """Relaxations of several targets stepped as one batch. Each target's loss is the mean over its own rows, and
+    the sum of those losses is what is differentiated, so every target's gradient is what it would be alone; one
+    target is the plain single-target step."""
+
+    def __init__(self, relaxations: list):
+        self.items = relaxations
+
+    def step(self, t: int | None) -> list[float]:
+        with torch.enable_grad():
+            parts = [r.inputs(t) for r in self.items]  # each from its own generator, in its own order
+            losses = self._losses([r.p for r in self.items], parts)
+            for r in self.items:
+                r.optimizer.zero_grad(set_to_none=True)
+            sum(losses).backward()
+        for r in self.items:
+            r.update()
+        return [loss.item() for loss in losses]
+
+    @staticmethod
+    def _losses(problems: list[PrefixProblem], parts: list[tuple[torch.Tensor, dict]]) -> list[torch.Tensor]:
+        first = problems[0]
+        if len(problems) == 1:
+            first.slots.vectors = parts[0][0]
+            return [first.prefix_loss(parts[0][1])]
+        sizes = [len(d["t"]) for _, d in parts]
+        first.slots.vectors = torch.cat([v.unsqueeze(0).expand(n, -1, -1) for (v, _), n in zip(parts, sizes)])
+        ids = torch.cat([p.ids.expand(n, -1) for p, n in zip(problems, sizes)])
+        draws = {k: torch.cat([d[k] for _, d in parts]) for k in ("x0", "noise", "t")}
+        negative, guidance = None, 1.0
+        if first.negative is not None:  # one guard for the whole batch: every problem has its negative prompt
+            negative = torch.cat([p.negative.expand(n, -1, -1) for p, n in zip(problems, sizes)])
+            guidance = torch.tensor([p.guidance for p, n in zip(problems, sizes) for _ in range(n)])
+            guidance = guidance.to(negative.device).view(-1, *([1] * (draws["x0"].dim() - 1)))
+        pred, target = denoising_prediction(first.family, ids, draws, negative, guidance)
+        ends = torch.tensor(sizes).cumsum(0).tolist()
+        return [torch.nn.functional.mse_loss(pred[end - n : end], target[end - n : end]) for n, end in zip(sizes, ends)]

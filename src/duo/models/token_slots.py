@@ -26,7 +26,8 @@ PLACEHOLDER = "<duo-slot-{}>"
 
 
 class TokenSlots:
-    """n placeholder tokens whose embeddings are `self.vectors` (n, Σ table widths) while `hooked()` is active."""
+    """n placeholder tokens whose embeddings are `self.vectors` while `hooked()` is active: (n, Σ table widths)
+    for every prompt row alike, or (rows, n, Σ widths), one set per row of the batch being encoded."""
 
     def __init__(self, family: ModelFamily, n: int, first: int = 0):
         """`first`: the first placeholder's number; slots hooked at the same time need disjoint placeholders."""
@@ -62,7 +63,11 @@ class TokenSlots:
 
         def swap_rows(module, args, output):
             slot = lookup[args[0]]
-            rows = self.vectors[:, start:end].to(output.device, output.dtype)[slot.clamp(min=0)]
+            vectors = self.vectors[..., start:end].to(output.device, output.dtype)
+            if vectors.dim() == 2:
+                rows = vectors[slot.clamp(min=0)]
+            else:  # one set of vectors per prompt row (several searches in one batch)
+                rows = vectors[torch.arange(len(slot), device=slot.device).unsqueeze(-1), slot.clamp(min=0)]
             return torch.where((slot >= 0).unsqueeze(-1), rows, output)
 
         return swap_rows
