@@ -10,7 +10,22 @@ from duo.errors import UserError
 from duo.evaluate import EvaluateConfig, evaluate
 
 
-def test_identical_models_preserve_everything(tmp_path):
+def test_identical_models_preserve_everything(tmp_path, monkeypatch):
+    import duo.evaluate_images as ei
+
+    drawn, make = [], ei.make_guard
+
+    class Counting:
+        def __init__(self, guard):
+            self.guard = guard
+
+        def generate(self, family, texts, *rest):
+            drawn.extend(texts)
+            return self.guard.generate(family, texts, *rest)
+
+    counting = lambda *args: Counting(make(*args))  # noqa: E731
+
+    monkeypatch.setattr(ei, "make_guard", counting)
     r = evaluate(
         EvaluateConfig(
             model="shapes", concept="shapes-red", out=str(tmp_path / "e"), n_prompts=6, threads=torch.get_num_threads()
@@ -20,6 +35,12 @@ def test_identical_models_preserve_everything(tmp_path):
     assert r["fid"]["original"]["fid"] == pytest.approx(0.0, abs=1e-6)
     assert r["neighbours"]["lpips"] == pytest.approx(0.0, abs=1e-6)
     assert r["method"] == {"name": "original"} and r["attacks"] == {}
+    # the model without LoRA or guard is the original: its images are copied, not drawn a second time
+    records = [json.loads(x) for x in (tmp_path / "e" / "images.jsonl").read_text().splitlines()]
+    pairs = {(x["group"], x["i"]): {} for x in records}
+    for x in records:
+        pairs[(x["group"], x["i"])][x["model"]] = (tmp_path / "e" / x["file"]).read_bytes()
+    assert all(p["original"] == p["unlearned"] for p in pairs.values()) and len(drawn) == len(pairs)
     assert (
         r["alignment"]["original"] == r["alignment"]["unlearned"]
         and r["alignment"]["original"]["colour_accuracy"] > 0.9

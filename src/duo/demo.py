@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from duo.data.curate import CurateConfig, curate
@@ -28,6 +28,7 @@ DEMO_ATTACKS = ("prompts", "ring-a-bell", "concept-inversion", "unlearndiff")
 OUTPUTS = ("results.json", "report.html", "compare/results.json")
 # The two points of the Shapes demo: label, folder under attacks/ and eval/, with the demo's LoRA or without.
 POINTS = (("original", "original", False), ("DUO", "duo", True))
+DEMO_BATCH = {"batch_size": 16}
 
 
 @dataclass
@@ -109,7 +110,7 @@ def run_demo(cfg: DemoConfig) -> dict:
             out=str(out / "pairs"),
             pairs=cfg.pairs,
             seed=cfg.seed,
-            batch_size=16,
+            batch_size=DEMO_BATCH["batch_size"],
             max_tries=20,
         )
     )
@@ -210,7 +211,8 @@ def _shapes(model: str, lora: str, concept: str, names: list[str], cfg: DemoConf
     from duo.report import build_report
     from duo.shapes.demo import evaluate_shapes
 
-    point = _point(cfg, model, concept, names)
+    # 16 images a forward pass, as curation: the Shapes UNet is small enough that CPU throughput still grows there
+    point = replace(_point(cfg, model, concept, names), attack_config=DEMO_BATCH, evaluate_config=DEMO_BATCH)
     evaluations, points = {}, {}
     for label, key, with_lora in POINTS:
         attacks, folder = out / "attacks" / key, out / "eval" / key

@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 from duo import shard
 from duo.data.concepts import Concept
-from duo.data.files import append_jsonl, atomic_save_image, load_image, read_jsonl
+from duo.data.files import append_jsonl, atomic_save_image, atomic_write_bytes, load_image, read_jsonl
 from duo.guards import make_guard
 from duo.seeds import derive_seed
 
@@ -55,7 +55,10 @@ class Images:
         )
 
     def _generate(self, group: str, model: str, prompts: list[str], idx: list[int]) -> None:
-        family, c = self._load(), self.cfg
+        c = self.cfg
+        if model == "unlearned" and not c.lora and c.guard == "none" and self._copy_original(group, prompts, idx):
+            return
+        family = self._load()
         texts = [prompts[i] for i in idx]
         guard = self.guard if model == "unlearned" else make_guard("none", [])
         steps, guidance = c.steps or self.concept.steps, c.guidance or self.concept.guidance
@@ -68,9 +71,26 @@ class Images:
                 continue
             rel = f"images/{group}/{model}/{i:04d}.png"
             atomic_save_image(self.out / rel, image)
-            record = {"group": group, "model": model, "i": i, "prompt": prompts[i], "seed": seed, "file": rel}
-            append_jsonl(shard.part(self.index), record)
-            self.records[(group, model, i)] = record
+            self._record(group, model, i, prompts[i], seed, rel)
+
+    def _record(self, group: str, model: str, i: int, prompt: str, seed: int, rel: str) -> None:
+        record = {"group": group, "model": model, "i": i, "prompt": prompt, "seed": seed, "file": rel}
+        append_jsonl(shard.part(self.index), record)
+        self.records[(group, model, i)] = record
+
+    def _copy_original(self, group: str, prompts: list[str], idx: list[int]) -> bool:
+        """The model as it was (no LoRA, no guard) draws what the original draws, from the same seeds in the same
+        batches: copy those images rather than draw them again. False if this process has not drawn them."""
+        if not all((group, "original", i) in self.records for i in idx):
+            return False
+        for i in idx:
+            if (group, "unlearned", i) in self.records:
+                continue
+            source = self.records[(group, "original", i)]
+            rel = f"images/{group}/unlearned/{i:04d}.png"
+            atomic_write_bytes(self.out / rel, (self.out / source["file"]).read_bytes())
+            self._record(group, "unlearned", i, prompts[i], source["seed"], rel)
+        return True
 
 
 def attack_originals(images: Images, cell: dict) -> list[dict]:
