@@ -75,6 +75,32 @@ VARIANTS = {
         "adv_every": 20,
         "lora_on": "text-encoder",
     },
+    # the text-encoder placement's levers, one at a time
+    "DUO-adv soft anchored te": {**DUO_ADV, "lora_on": "text-encoder"},
+    "DUO-adv ud anchored te": {
+        "adversarial": "unlearndiff",
+        "adv_vectors": 5,
+        "lam_uncond": 1e4,
+        "lora_on": "text-encoder",
+    },
+    "DUO-adv soft+ud all s20e20 te": {
+        **DUO_ADV,
+        "adversarial": "soft-prompt+unlearndiff",
+        "adv_rounds": "all",
+        "adv_steps": 20,
+        "adv_every": 20,
+        "lora_on": "text-encoder",
+        "lam_uncond": 0.0,
+    },
+    # all three adversaries (Concept Inversion's placement too), every round, on the text encoder
+    "DUO-adv ci+soft+ud all anchored s20e20 te": {
+        **DUO_ADV,
+        "adversarial": "concept-inversion+soft-prompt+unlearndiff",
+        "adv_rounds": "all",
+        "adv_steps": 20,
+        "adv_every": 20,
+        "lora_on": "text-encoder",
+    },
     "AdvUnlearn": ADVUNLEARN,  # the robust anchor to beat: the compare row's settings
 }
 ATTACKS = {

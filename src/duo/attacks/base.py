@@ -87,7 +87,10 @@ class AttackConfig:
     judge_options: str | None = field(
         default=None, metadata={"help": 'judge options as JSON, e.g. \'{"preset": "rece9"}\' (default: the concept\'s)'}
     )
-    batch_size: int = field(default=8, metadata={"help": "images per forward pass"})
+    batch_size: int = field(
+        default=8,
+        metadata={"help": "images per forward pass; UnlearnDiffAtk also searches this many targets side by side"},
+    )
     dtype: str = field(default="float32", metadata={"help": "float32, float16 or bfloat16"})
     device: str = field(default="cpu", metadata={"help": "cpu, cuda, ..."})
     threads: int | None = field(default=None, metadata={"help": "CPU threads for torch (default: torch's)"})
