@@ -169,3 +169,26 @@ def test_small_budget_brings_red_back_through_a_duo_lora(tmp_path):
     assert attacked[-1]["dsr"] <= 0.25 and prep["steps_to_fall"]["attacked"] > 0
     assert max(p["dsr"] for p in original) <= 0.2 and prep["steps_to_fall"]["original"] == 0
     assert attacked[0]["eval_loss"] > original[0]["eval_loss"]
+
+
+def test_the_original_probe_reads_the_captions_through_the_original_text_encoder(tiny_model, tmp_path):
+    """With a text-encoder LoRA the conditioning changes too: the attacked probe fine-tunes on the captions as the
+    LoRA'd encoder encodes them, the original's on the original encoder's — the same losses as a model that never
+    had the LoRA."""
+    from duo.models.lora import TEXT_ENCODER_LAYERS
+
+    folder = tmp_path / "te-lora"
+    donor = load_family(tiny_model)
+    attach_lora(donor.text_encoders[0], rank=4, alpha=4, targets=TEXT_ENCODER_LAYERS)
+    torch.manual_seed(0)
+    for p in lora_parameters(donor.text_encoders[0]):
+        p.data.normal_(0.0, 0.3)
+    donor.save_lora(folder, get_lora_state(donor.text_encoders[0]))
+    family = load_family(tiny_model)
+    family.load_loras([(str(folder), 1.0)])
+    prov = relearn.prepare(make_ctx(family, tmp_path / "run", has_loras=True), FAST)
+    alone = relearn.prepare(make_ctx(load_family(tiny_model), tmp_path / "alone", has_loras=False), FAST)
+    record = json.loads((tmp_path / "run" / "relearn" / "curve.json").read_text())
+    record_alone = json.loads((tmp_path / "alone" / "relearn" / "curve.json").read_text())
+    assert record["original"]["losses"] == record_alone["attacked"]["losses"]
+    assert prov["curves"]["attacked"][0]["eval_loss"] != prov["curves"]["original"][0]["eval_loss"]

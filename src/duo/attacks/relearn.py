@@ -11,7 +11,8 @@ it from scratch. Our protocol (no single published one; see the settings' docstr
   The gradient of a base weight W under a LoRA is the gradient of the fused weight W + BA, so with weight
   decay 0 this is exactly fine-tuning the fused model, without fusing (the LoRAs stay switchable);
 - the same fine-tune (seed, data order, noise) twice: the model under attack (LoRAs on), then the original
-  (`ctx.original()`: LoRAs off), each from its own weights; without LoRAs the two are the same model, so the
+  (`ctx.original()`: LoRAs off), each from its own weights and with the captions as its own text encoder reads
+  them (a text-encoder LoRA changes the conditioning; the text encoder itself is not fine-tuned); without LoRAs the two are the same model, so the
   first curve is reused. At each checkpoint the first `curve_targets` targets are generated under the guard
   (`ctx.generate`, their seeds and guidance, one image each) and judged.
 
@@ -30,7 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -139,6 +140,7 @@ class _Data:
     std: torch.Tensor
     emb: torch.Tensor
     draws: dict
+    captions: list[str]
 
 
 def _data(ctx, s: Settings) -> tuple[_Data, dict]:
@@ -147,14 +149,19 @@ def _data(ctx, s: Settings) -> tuple[_Data, dict]:
         raise UserError("relearn found no images of the concept; pass --images FOLDER.")
     family: ModelFamily = ctx.family
     mean, std = family.encode_images(images, ctx.resolution or family.native_resolution)
-    with torch.no_grad():
-        emb = family.encode_prompts(prompts).detach()
+    emb = _encode(ctx, prompts)
     g = torch.Generator().manual_seed(derive_seed(ctx.seed, "relearn", "eval"))
     idx = torch.arange(EVAL_DRAWS) % len(mean)
     t = torch.randint(0, family.num_train_timesteps, (EVAL_DRAWS,), generator=g)
     x0 = family.latents_from_distribution(mean[idx], std[idx], torch.randn(mean[idx].shape, generator=g))
     draws = {"idx": idx, "t": t, "x0": x0, "noise": torch.randn(x0.shape, generator=g)}
-    return _Data(mean, std, emb, draws), source | {"prompts": sorted(set(prompts))}
+    return _Data(mean, std, emb, draws, prompts), source | {"prompts": sorted(set(prompts))}
+
+
+@torch.no_grad()
+def _encode(ctx, captions: list[str]) -> torch.Tensor:
+    """The captions encoded by the text encoder(s) as the current context has them (LoRAs on or off)."""
+    return ctx.family.encode_prompts(captions).detach()
 
 
 def _run(ctx, s: Settings, params: dict, record: dict) -> dict:
@@ -172,7 +179,8 @@ def _run(ctx, s: Settings, params: dict, record: dict) -> dict:
         restore(ctx)
     if ctx.has_loras:
         with ctx.original():
-            original = _probe(ctx, s, params, data, targets)
+            # the captions as the original encodes them: a text-encoder LoRA changes the conditioning too
+            original = _probe(ctx, s, params, replace(data, emb=_encode(ctx, data.captions)), targets)
         restore(ctx)
     else:
         original = attacked | {"same_as_attacked": True}  # no LoRA: the model under attack is the original
