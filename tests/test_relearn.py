@@ -187,7 +187,7 @@ def test_the_original_probe_reads_the_captions_through_the_original_text_encoder
     family = load_family(tiny_model)
     family.load_loras([(str(folder), 1.0)])
     prov = relearn.prepare(make_ctx(family, tmp_path / "run", has_loras=True), FAST)
-    alone = relearn.prepare(make_ctx(load_family(tiny_model), tmp_path / "alone", has_loras=False), FAST)
+    relearn.prepare(make_ctx(load_family(tiny_model), tmp_path / "alone", has_loras=False), FAST)
     record = json.loads((tmp_path / "run" / "relearn" / "curve.json").read_text())
     record_alone = json.loads((tmp_path / "alone" / "relearn" / "curve.json").read_text())
     assert record["original"]["losses"] == record_alone["attacked"]["losses"]
