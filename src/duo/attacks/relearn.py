@@ -13,8 +13,8 @@ it from scratch. Our protocol (no single published one; see the settings' docstr
 - the same fine-tune (seed, data order, noise) twice: the model under attack (LoRAs on), then the original
   (`ctx.original()`: LoRAs off), each from its own weights and with the captions as its own text encoder reads
   them (a text-encoder LoRA changes the conditioning; the text encoder itself is not fine-tuned); without LoRAs
-  the two are the same model, so the first curve is reused. At each checkpoint the first `curve_targets` targets are generated under the guard
-  (`ctx.generate`, their seeds and guidance, one image each) and judged.
+  the two are the same model, so the first curve is reused. At each checkpoint the first `curve_targets` targets
+  are generated under the guard (`ctx.generate`, their seeds and guidance, one image each) and judged.
 
 prepare() leaves the family in the fine-tuned state of the model under attack at the last checkpoint, so the
 harness's DSR (the target prompts themselves, under the guard) is the DSR after relearning; out/relearn/
