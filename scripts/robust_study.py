@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from duo.shapes.world import ADVUNLEARN, DUO_ADV
+from duo.shapes.world import ADVUNLEARN, DUO_ADV_UNET
 
 # variant → flags over the shapes-red preset (src/duo/concepts/shapes-red.yaml `train:`)
 CI = {"adversarial": "concept-inversion"}
@@ -42,15 +42,15 @@ VARIANTS = {
     # classifier-free guidance turns into more red: docs/robust_duo.md)
     "DUO anchored": {"lam_uncond": 1e4},
     "DUO-adv ci anchored": {**CI, "lam_uncond": 1e4},
-    "DUO-adv soft anchored": DUO_ADV,  # the finalist, make compare's DUO-adv row
+    "DUO-adv soft anchored": DUO_ADV_UNET,  # the first finalist (make compare's DUO-adv row until stop 26)
     "DUO-adv soft anchored 1e3": {**SOFT, "lam_uncond": 1e3},
     "DUO-adv ud anchored": {"adversarial": "unlearndiff", "adv_vectors": 5, "lam_uncond": 1e4},
     # both adversaries, rounds taking turns: the soft-prompt row held CI/soft, the unlearndiff row UD/RAB/prompts
-    "DUO-adv soft+ud anchored": {**DUO_ADV, "adversarial": "soft-prompt+unlearndiff"},
-    "DUO-adv soft+ud all anchored": {**DUO_ADV, "adversarial": "soft-prompt+unlearndiff", "adv_rounds": "all"},
+    "DUO-adv soft+ud anchored": {**DUO_ADV_UNET, "adversarial": "soft-prompt+unlearndiff"},
+    "DUO-adv soft+ud all anchored": {**DUO_ADV_UNET, "adversarial": "soft-prompt+unlearndiff", "adv_rounds": "all"},
     # the same inner-attack cost as `all`, spent on stronger rounds: 20 Adam steps every 20 optimizer steps
     "DUO-adv soft+ud all anchored s20e20": {
-        **DUO_ADV,
+        **DUO_ADV_UNET,
         "adversarial": "soft-prompt+unlearndiff",
         "adv_rounds": "all",
         "adv_steps": 20,
@@ -58,7 +58,7 @@ VARIANTS = {
     },
     # β 25 as the base (plain DUO β 25 holds UnlearnDiffAtk at 0.85 where β 50 gives 0.58)
     "DUO-adv soft+ud all anchored s20e20 b25": {
-        **DUO_ADV,
+        **DUO_ADV_UNET,
         "adversarial": "soft-prompt+unlearndiff",
         "adv_rounds": "all",
         "adv_steps": 20,
@@ -68,7 +68,7 @@ VARIANTS = {
     # where the LoRA sits: the text encoder (AdvUnlearn's place), plain and with the s20e20 adversaries
     "DUO te": {"lora_on": "text-encoder"},
     "DUO-adv soft+ud all anchored s20e20 te": {
-        **DUO_ADV,
+        **DUO_ADV_UNET,
         "adversarial": "soft-prompt+unlearndiff",
         "adv_rounds": "all",
         "adv_steps": 20,
@@ -76,7 +76,7 @@ VARIANTS = {
         "lora_on": "text-encoder",
     },
     # the text-encoder placement's levers, one at a time
-    "DUO-adv soft anchored te": {**DUO_ADV, "lora_on": "text-encoder"},
+    "DUO-adv soft anchored te": {**DUO_ADV_UNET, "lora_on": "text-encoder"},
     "DUO-adv ud anchored te": {
         "adversarial": "unlearndiff",
         "adv_vectors": 5,
@@ -84,7 +84,7 @@ VARIANTS = {
         "lora_on": "text-encoder",
     },
     "DUO-adv soft+ud all s20e20 te": {
-        **DUO_ADV,
+        **DUO_ADV_UNET,
         "adversarial": "soft-prompt+unlearndiff",
         "adv_rounds": "all",
         "adv_steps": 20,
@@ -94,7 +94,7 @@ VARIANTS = {
     },
     # all three adversaries (Concept Inversion's placement too), every round, on the text encoder
     "DUO-adv ci+soft+ud all anchored s20e20 te": {
-        **DUO_ADV,
+        **DUO_ADV_UNET,
         "adversarial": "concept-inversion+soft-prompt+unlearndiff",
         "adv_rounds": "all",
         "adv_steps": 20,
