@@ -3,7 +3,7 @@
 `tests/test_robust_duo_shapes.py` has a slow test that trains plain DUO and DUO-adv itself and a fast one that
 only attacks these two files (Concept Inversion on each), so `make test` pays for the attack, not the training.
 Both LoRAs come from the same reduced Shapes run the slow test makes: the shapes-red preset on 24 pairs, 250
-steps, seed 42, one thread; the robust one adds the setting docs/robust_duo.md chose (a 5-vector soft-prompt
+steps, seed 42, one thread; the robust one adds the robust study's first finalist (a 5-vector soft-prompt
 inner attack and the unconditional anchor). About 4 minutes on one core.
 
     python scripts/train_robust_test_loras.py [--work runs/robust_ci]

@@ -15,7 +15,8 @@ from duo.attacks import run_attack
 from duo.attacks.base import AttackConfig
 from duo.train.api import resolve_config, train
 
-# The setting docs/robust_duo.md chose, over the shapes-red preset; fewer pairs and steps than the study.
+# The robust study's first finalist (UNet LoRA, duo.shapes.world.DUO_ADV_UNET) over the shapes-red preset; fewer
+# pairs and steps than the study. (make compare's DUO-adv row is now the text-encoder setting, DUO_ADV.)
 ROBUST = {"adversarial": "soft-prompt", "adv_vectors": 5, "lam_uncond": 1e4}
 STEPS, PAIRS = 250, 24
 # Concept Inversion's small budget has 400 steps. DSR measured on these LoRAs (plain / robust, 1 thread): 200 steps
