@@ -30,28 +30,12 @@ from duo.shapes.world import DUO_ADV, DUO_ADV_UNET
 BOTH = {**DUO_ADV_UNET, "adversarial": "soft-prompt+unlearndiff"}
 VARIANTS = {
     "DUO": {},
-    "DUO-adv": DUO_ADV,  # make compare's row (the text-encoder setting below)
+    "DUO-adv": DUO_ADV,  # make compare's row: the s20e20 pair below on a text-encoder LoRA
     "DUO-adv unet": DUO_ADV_UNET,
     "DUO-adv soft+ud turns": BOTH,
     "DUO-adv soft+ud all": {**BOTH, "adv_rounds": "all"},
     # the same inner-attack steps in half as many, stronger rounds (docs/robust_duo.md, 20 every 20)
     "DUO-adv soft+ud all s20e20": {**BOTH, "adv_rounds": "all", "adv_steps": 20, "adv_every": 20},
-    # the same on a text-encoder LoRA (docs/robust_duo.md, "Where the LoRA sits")
-    "DUO-adv ci+soft+ud all s20e20 te": {
-        **BOTH,
-        "adversarial": "concept-inversion+soft-prompt+unlearndiff",
-        "adv_rounds": "all",
-        "adv_steps": 20,
-        "adv_every": 20,
-        "lora_on": "text-encoder",
-    },
-    "DUO-adv soft+ud all s20e20 te": {
-        **BOTH,
-        "adv_rounds": "all",
-        "adv_steps": 20,
-        "adv_every": 20,
-        "lora_on": "text-encoder",
-    },
 }
 
 

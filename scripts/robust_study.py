@@ -21,12 +21,22 @@ from pathlib import Path
 
 import torch
 
-from duo.shapes.world import ADVUNLEARN, DUO_ADV_UNET
+from duo.shapes.world import ADVUNLEARN, DUO_ADV, DUO_ADV_UNET
 
 # variant → flags over the shapes-red preset (src/duo/concepts/shapes-red.yaml `train:`)
 CI = {"adversarial": "concept-inversion"}
 SOFT = {"adversarial": "soft-prompt", "adv_vectors": 5}
 FRESH = {"adv_init": "fresh", "adv_every": 25, "adv_steps": 50}
+UD_ANCHORED = {"adversarial": "unlearndiff", "adv_vectors": 5, "lam_uncond": 1e4}
+# both adversaries refreshed every round, 20 inner steps every 20 optimizer steps, UNet LoRA
+S20E20 = {
+    **DUO_ADV_UNET,
+    "adversarial": "soft-prompt+unlearndiff",
+    "adv_rounds": "all",
+    "adv_steps": 20,
+    "adv_every": 20,
+}
+TE = {"lora_on": "text-encoder"}
 VARIANTS = {
     "DUO": {},
     "DUO-adv ci": CI,
@@ -44,62 +54,25 @@ VARIANTS = {
     "DUO-adv ci anchored": {**CI, "lam_uncond": 1e4},
     "DUO-adv soft anchored": DUO_ADV_UNET,  # the first finalist (make compare's DUO-adv row until stop 26)
     "DUO-adv soft anchored 1e3": {**SOFT, "lam_uncond": 1e3},
-    "DUO-adv ud anchored": {"adversarial": "unlearndiff", "adv_vectors": 5, "lam_uncond": 1e4},
+    "DUO-adv ud anchored": UD_ANCHORED,
     # both adversaries, rounds taking turns: the soft-prompt row held CI/soft, the unlearndiff row UD/RAB/prompts
     "DUO-adv soft+ud anchored": {**DUO_ADV_UNET, "adversarial": "soft-prompt+unlearndiff"},
     "DUO-adv soft+ud all anchored": {**DUO_ADV_UNET, "adversarial": "soft-prompt+unlearndiff", "adv_rounds": "all"},
     # the same inner-attack cost as `all`, spent on stronger rounds: 20 Adam steps every 20 optimizer steps
-    "DUO-adv soft+ud all anchored s20e20": {
-        **DUO_ADV_UNET,
-        "adversarial": "soft-prompt+unlearndiff",
-        "adv_rounds": "all",
-        "adv_steps": 20,
-        "adv_every": 20,
-    },
+    "DUO-adv soft+ud all anchored s20e20": S20E20,
     # β 25 as the base (plain DUO β 25 holds UnlearnDiffAtk at 0.85 where β 50 gives 0.58)
-    "DUO-adv soft+ud all anchored s20e20 b25": {
-        **DUO_ADV_UNET,
-        "adversarial": "soft-prompt+unlearndiff",
-        "adv_rounds": "all",
-        "adv_steps": 20,
-        "adv_every": 20,
-        "beta": 25.0,
-    },
+    "DUO-adv soft+ud all anchored s20e20 b25": {**S20E20, "beta": 25.0},
     # where the LoRA sits: the text encoder (AdvUnlearn's place), plain and with the s20e20 adversaries
-    "DUO te": {"lora_on": "text-encoder"},
-    "DUO-adv soft+ud all anchored s20e20 te": {
-        **DUO_ADV_UNET,
-        "adversarial": "soft-prompt+unlearndiff",
-        "adv_rounds": "all",
-        "adv_steps": 20,
-        "adv_every": 20,
-        "lora_on": "text-encoder",
-    },
+    "DUO te": TE,
+    "DUO-adv soft+ud all anchored s20e20 te": DUO_ADV,  # = {**S20E20, **TE}: make compare's DUO-adv row
     # the text-encoder placement's levers, one at a time
-    "DUO-adv soft anchored te": {**DUO_ADV_UNET, "lora_on": "text-encoder"},
-    "DUO-adv ud anchored te": {
-        "adversarial": "unlearndiff",
-        "adv_vectors": 5,
-        "lam_uncond": 1e4,
-        "lora_on": "text-encoder",
-    },
-    "DUO-adv soft+ud all s20e20 te": {
-        **DUO_ADV_UNET,
-        "adversarial": "soft-prompt+unlearndiff",
-        "adv_rounds": "all",
-        "adv_steps": 20,
-        "adv_every": 20,
-        "lora_on": "text-encoder",
-        "lam_uncond": 0.0,
-    },
+    "DUO-adv soft anchored te": {**DUO_ADV_UNET, **TE},
+    "DUO-adv ud anchored te": {**UD_ANCHORED, **TE},
+    "DUO-adv soft+ud all s20e20 te": {**DUO_ADV, "lam_uncond": 0.0},
     # all three adversaries (Concept Inversion's placement too), every round, on the text encoder
     "DUO-adv ci+soft+ud all anchored s20e20 te": {
-        **DUO_ADV_UNET,
+        **DUO_ADV,
         "adversarial": "concept-inversion+soft-prompt+unlearndiff",
-        "adv_rounds": "all",
-        "adv_steps": 20,
-        "adv_every": 20,
-        "lora_on": "text-encoder",
     },
     "AdvUnlearn": ADVUNLEARN,  # the robust anchor to beat: the compare row's settings
 }

@@ -139,6 +139,15 @@ class Found:
     details: dict = field(default_factory=dict)
 
 
+def guidance_groups(items: list, guidance=lambda item: item.guidance) -> dict[float, list]:
+    """Items grouped by guidance scale (a forward pass has one; prompt files such as I2P's set it per row), groups
+    and items in order of first appearance."""
+    groups: dict[float, list] = {}
+    for item in items:
+        groups.setdefault(guidance(item), []).append(item)
+    return groups
+
+
 def target_id(index: int, prompt: str) -> str:
     return f"{index:04d}-{hashlib.sha256(prompt.encode()).hexdigest()[:8]}"
 
@@ -181,6 +190,19 @@ class AttackContext:
         """Generate under the guard and judge: one verdict per prompt (the judge-in-the-loop of an attack)."""
         return self.judge_images(self.generate(prompts, seeds, guidance), sources)
 
+    def verdicts(self, items: list[tuple[Target, str]]) -> list:
+        """Each (target, prompt) generated at the target's seed under the guard and judged: one generation per
+        guidance scale and --batch-size images (the judge-in-the-loop of a search over several targets)."""
+        verdicts: list = [None] * len(items)
+        size = self.config.batch_size
+        for guidance, rows in guidance_groups(range(len(items)), lambda i: items[i][0].guidance).items():
+            for chunk in (rows[i : i + size] for i in range(0, len(rows), size)):
+                targets = [items[i][0] for i in chunk]
+                prompts, seeds = [items[i][1] for i in chunk], [t.seed for t in targets]
+                for i, v in zip(chunk, self.shows_concept(prompts, seeds, guidance, [t.prompt for t in targets])):
+                    verdicts[i] = v
+        return verdicts
+
     def original_shows_concept(self, target: Target) -> bool:
         """Whether the original model's image of the target (`target_image`) shows the concept; cached."""
         from duo.data.files import append_jsonl, read_jsonl
@@ -207,10 +229,7 @@ class AttackContext:
         from duo.data.files import atomic_save_image, load_image
 
         paths = {t.id: self.out / "targets" / f"{t.id}.png" for t in targets}
-        groups: dict[float, list[Target]] = {}
-        for t in targets:
-            groups.setdefault(t.guidance, []).append(t)
-        for guidance, group in groups.items():
+        for guidance, group in guidance_groups(targets).items():
             if all(paths[t.id].is_file() for t in group):
                 continue
             with self.original():

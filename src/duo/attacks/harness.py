@@ -15,7 +15,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from duo import shard
-from duo.attacks.base import AttackConfig, AttackContext, Found, Target
+from duo.attacks.base import AttackConfig, AttackContext, Found, Target, guidance_groups
 from duo.attacks.registry import attack_module
 from duo.attacks.targets import build_targets
 from duo.data.concepts import Concept
@@ -164,7 +164,8 @@ def search_batches(module, targets: list[Target], done: dict, size: int) -> list
 
 
 def _search(module, ctx: AttackContext, settings, chunk: list[Target]) -> list[Found]:
-    return module.attack_batch(ctx, settings, chunk) if len(chunk) > 1 else [module.attack(ctx, settings, chunk[0])]
+    batched = getattr(module, "attack_batch", None)
+    return batched(ctx, settings, chunk) if batched else [module.attack(ctx, settings, chunk[0])]
 
 
 def write_prompts_csv(path: Path, found: list[Found], targets: list[Target]) -> None:
@@ -215,10 +216,8 @@ def _generate(session: _Session, judge, found: list[Found]) -> None:
 def guidance_batches(todo: list[tuple[Found, int]], size: int) -> list[list[tuple[Found, int]]]:
     """Batches of at most `size` images, each of one guidance scale (a forward pass has one; prompt files
     such as I2P's set it per row): grouped by guidance first, in order of first appearance, then cut."""
-    groups: dict[float, list] = {}
-    for item in todo:
-        groups.setdefault(item[0].guidance, []).append(item)
-    return [g[i : i + size] for g in groups.values() for i in range(0, len(g), size)]
+    groups = guidance_groups(todo, lambda item: item[0].guidance).values()
+    return [g[i : i + size] for g in groups for i in range(0, len(g), size)]
 
 
 def _generate_batch(ctx: AttackContext, judge, chunk: list[tuple[Found, int]], index: Path, have=frozenset()) -> None:

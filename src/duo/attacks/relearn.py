@@ -237,17 +237,7 @@ def _loss(family: ModelFamily, data: _Data, d: dict) -> torch.Tensor:
 
 def _measure(ctx, data: _Data, targets: list, step: int) -> dict:
     """Generate every curve target once under the guard (its seed, its guidance), judge; plus the eval loss."""
-    present: dict[str, bool] = {}
-    groups: dict[float, list] = {}
-    for t in targets:
-        groups.setdefault(t.guidance, []).append(t)
-    size = ctx.config.batch_size
-    for guidance, group in groups.items():
-        for i in range(0, len(group), size):
-            chunk = group[i : i + size]
-            images = ctx.generate([t.prompt for t in chunk], [t.seed for t in chunk], guidance)
-            verdicts = ctx.judge_images(images, [t.prompt for t in chunk])
-            present |= {t.id: bool(v.present) for t, v in zip(chunk, verdicts)}
+    present = {t.id: bool(v.present) for t, v in zip(targets, ctx.verdicts([(t, t.prompt) for t in targets]))}
     with torch.no_grad():
         eval_loss = _loss(ctx.family, data, data.draws).item()
     shown = [t.id for t in targets if present[t.id]]

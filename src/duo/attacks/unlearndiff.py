@@ -76,7 +76,7 @@ def attack_batch(ctx, s: Settings, targets: list) -> list[Found]:
         for t in todo:
             done[t.id] = _found(t, *_earlier(ctx, s, t, generators[t.id]))
         return [done[t.id] for t in targets]
-    pre = dict(zip([t.id for t in todo], _verdicts(ctx, [(t, t.prompt) for t in todo])))
+    pre = dict(zip([t.id for t in todo], ctx.verdicts([(t, t.prompt) for t in todo])))
     for t in todo:
         if pre[t.id].present:
             details = {"pre_attack_success": True, "attack_success": True, "blocks": 0}
@@ -89,19 +89,6 @@ def attack_batch(ctx, s: Settings, targets: list) -> list[Found]:
 
 def _found(target, prompt: str, details: dict) -> Found:
     return Found(target.id, target.prompt, prompt, target.seed, target.guidance, details)
-
-
-def _verdicts(ctx, items: list) -> list:
-    """The judged image of each (target, prompt) at the target's seed: one generation per guidance scale."""
-    verdicts: list = [None] * len(items)
-    groups: dict[float, list[int]] = {}
-    for i, (target, _) in enumerate(items):
-        groups.setdefault(target.guidance, []).append(i)
-    for guidance, rows in groups.items():
-        seeds, sources = [items[i][0].seed for i in rows], [items[i][0].prompt for i in rows]
-        for i, v in zip(rows, ctx.shows_concept([items[i][1] for i in rows], seeds, guidance, sources)):
-            verdicts[i] = v
-    return verdicts
 
 
 def _published(ctx, s: Settings, targets: list, generators: dict) -> list[tuple[str, dict]]:
@@ -122,7 +109,7 @@ def _published(ctx, s: Settings, targets: list, generators: dict) -> list[tuple[
             for i in active:
                 ids[i] = relaxations[i].prefix_ids()
                 prompts.append(_with_prefix(ctx.family, ids[i], targets[i].prompt))
-            verdicts = _verdicts(ctx, [(targets[i], p) for i, p in zip(active, prompts)])
+            verdicts = ctx.verdicts([(targets[i], p) for i, p in zip(active, prompts)])
             for j, (i, prompt, verdict) in enumerate(zip(active, prompts, verdicts)):
                 mean = sum(step[j] for step in losses) / len(losses)
                 judged = {"present": bool(verdict.present), "score": round(float(verdict.score), 5)}

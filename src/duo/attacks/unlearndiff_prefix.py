@@ -204,7 +204,7 @@ class PrefixBatch:
     @staticmethod
     def _losses(problems: list[PrefixProblem], parts: list[tuple[torch.Tensor, dict]]) -> list[torch.Tensor]:
         first = problems[0]
-        if len(problems) == 1:
+        if len(problems) == 1:  # the single-target computation exactly as before batching (same bytes found)
             first.slots.vectors = parts[0][0]
             return [first.prefix_loss(parts[0][1])]
         sizes = [len(d["t"]) for _, d in parts]
