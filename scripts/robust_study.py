@@ -29,13 +29,7 @@ SOFT = {"adversarial": "soft-prompt", "adv_vectors": 5}
 FRESH = {"adv_init": "fresh", "adv_every": 25, "adv_steps": 50}
 UD_ANCHORED = {"adversarial": "unlearndiff", "adv_vectors": 5, "lam_uncond": 1e4}
 # both adversaries refreshed every round, 20 inner steps every 20 optimizer steps, UNet LoRA
-S20E20 = {
-    **DUO_ADV_UNET,
-    "adversarial": "soft-prompt+unlearndiff",
-    "adv_rounds": "all",
-    "adv_steps": 20,
-    "adv_every": 20,
-}
+S20E20 = {k: v for k, v in DUO_ADV.items() if k != "lora_on"}  # make compare's DUO-adv flags, on the UNet
 TE = {"lora_on": "text-encoder"}
 VARIANTS = {
     "DUO": {},
@@ -64,7 +58,7 @@ VARIANTS = {
     "DUO-adv soft+ud all anchored s20e20 b25": {**S20E20, "beta": 25.0},
     # where the LoRA sits: the text encoder (AdvUnlearn's place), plain and with the s20e20 adversaries
     "DUO te": TE,
-    "DUO-adv soft+ud all anchored s20e20 te": DUO_ADV,  # = {**S20E20, **TE}: make compare's DUO-adv row
+    "DUO-adv soft+ud all anchored s20e20 te": DUO_ADV,  # make compare's DUO-adv row
     # the text-encoder placement's levers, one at a time
     "DUO-adv soft anchored te": {**DUO_ADV_UNET, **TE},
     "DUO-adv ud anchored te": {**UD_ANCHORED, **TE},
