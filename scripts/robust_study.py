@@ -68,6 +68,18 @@ VARIANTS = {
         **DUO_ADV,
         "adversarial": "concept-inversion+soft-prompt+unlearndiff",
     },
+    # stop 27: the adversaries split over the batch (each pair under one's prompt: the adversarial rows of one), the
+    # saved cost spent on a third adversary or stronger rounds; and more vectors
+    "DUO-adv ci+soft+ud split s20e20 te": {
+        **DUO_ADV,
+        "adversarial": "concept-inversion+soft-prompt+unlearndiff",
+        "adv_pairs": "split",
+    },
+    "DUO-adv soft+ud split s40e20 te": {**DUO_ADV, "adv_pairs": "split", "adv_steps": 40},
+    "DUO-adv soft+ud all anchored s20e20 v10 te": {**DUO_ADV, "adv_vectors": 10},
+    # the saved LoRA the moving average of the weights (the game's iterates averaged, not its last step)
+    "DUO-adv soft+ud all anchored s20e20 te ema99": {**DUO_ADV, "ema_decay": 0.99},
+    "DUO-adv soft+ud all anchored s20e20 te ema995": {**DUO_ADV, "ema_decay": 0.995},
     "AdvUnlearn": ADVUNLEARN,  # the robust anchor to beat: the compare row's settings
 }
 ATTACKS = {

@@ -74,12 +74,20 @@ def test_first_step_is_the_unet_placements_and_its_gradient_reaches_only_the_enc
     assert te[1]["keep"] > 0 and te[1]["retain"] > 0  # after one step the encoder's LoRA moved the policy
 
 
-@pytest.mark.parametrize("adversarial", ["concept-inversion", "concept-inversion+soft-prompt"])
+@pytest.mark.parametrize(
+    "adversarial, adv_pairs",
+    [
+        ("concept-inversion", "all"),
+        ("concept-inversion+soft-prompt", "all"),
+        ("concept-inversion+soft-prompt", "split"),
+    ],
+)
 def test_policy_rows_are_encoded_live_and_reference_rows_by_the_original_encoder(
-    tiny_model, pairs_dir, monkeypatch, adversarial
+    tiny_model, pairs_dir, monkeypatch, adversarial, adv_pairs
 ):
     """The conditioning each UNet forward reads, row by row, against the prompts encoded by hand: LoRA on for the
-    policy (with grad), off for the reference; the adversarial rows with each inner attack's vectors in place."""
+    policy (with grad), off for the reference; the adversarial rows with each inner attack's vectors in place
+    (--adv-pairs split: one group of rows, slot k under adversary k mod 2)."""
     from accelerate import Accelerator
 
     from duo.data.pairs import load_pairs
@@ -88,7 +96,8 @@ def test_policy_rows_are_encoded_live_and_reference_rows_by_the_original_encoder
     from duo.train import methods
 
     cfg = resolve_config(model=tiny_model, data=pairs_dir, out="unused", conditioning="mixed", keep="noise+retain",
-                         retain_prompts="neighbours", **{**ADV, "adversarial": adversarial}, **TE)  # fmt: skip
+                         retain_prompts="neighbours", **{**ADV, "adversarial": adversarial, "adv_pairs": adv_pairs},
+                         **TE)  # fmt: skip
     family, pairs = load_family(tiny_model), load_pairs(pairs_dir)
     encoder = family.text_encoders[0]
     attach_lora(encoder, 4, 4.0, family.lora_targets("duo", cfg.lora_module))
@@ -107,7 +116,7 @@ def test_policy_rows_are_encoded_live_and_reference_rows_by_the_original_encoder
     acc = Accelerator(cpu=True)
     for step in (0, 2):  # a round of each inner attack, so their vectors are not the initial ones
         method.before_step(encoder, acc, step)
-    d = method.draw(0, 4)
+    d = method.draw(1, 4)  # step 1: slots 4..7
     method.micro_loss(encoder, acc, d)
     assert seen["unet"] is family.unet and seen["policy_embs"].requires_grad and not seen["embs"].requires_grad
 
@@ -116,6 +125,8 @@ def test_policy_rows_are_encoded_live_and_reference_rows_by_the_original_encoder
     texts = [pairs.unsafe_prompts[i] if c else "" for i, c in zip(d.pair_index, d.use_concept)]
     rows = texts * 2 + [""] * 4 + [pairs.concept.neighbours[i] for i in d.retain_prompt]
     adv_ids = torch.cat([a.ids[d.pair_index].repeat(2, 1) for a in advs])
+    if adv_pairs == "split":  # slots 4, 5, 6, 7 → adversaries 0, 1, 0, 1
+        adv_ids = torch.stack([advs[k % 2].ids[i] for k, i in enumerate(d.pair_index)]).repeat(2, 1)
     with torch.no_grad(), ExitStack() as stack:
         for a in advs:
             stack.enter_context(a.vectors_in_place())

@@ -27,7 +27,8 @@ Placement (`--adversarial`):
 Several placements joined with '+' (`soft-prompt+unlearndiff`) are several adversaries, each with its own
 placeholder tokens and vectors; their rounds take turns (round k refreshes adversary k mod n, so the inner attack
 costs what one does; `--adv-rounds all` refreshes each every round instead) and every pair is trained under each
-one's current prompt.
+one's current prompt (`--adv-pairs split`: under one's, slot k of the run's sequence under adversary k mod n, so the
+adversarial rows cost what one adversary's do; their term is weighted n to keep `all`'s expected loss).
 
 The whole state is a function of (seed, step): each round draws from its own generator seeded by the round's
 step, and the vectors and Adam moments are checkpointed with the LoRA, so `--resume` continues exactly.

@@ -77,7 +77,8 @@ def _adversary(c) -> str:
     if c.adversarial == "none":
         return "none"
     rounds = {"turns": " (rounds take turns)", "all": " (all refreshed each round)"}[c.adv_rounds]
-    turns = rounds if "+" in c.adversarial else ""
+    split = ", pairs split among them" if c.adv_pairs == "split" else ""
+    turns = rounds + split if "+" in c.adversarial else ""
     return (
         f"{c.adversarial}{turns}: {c.adv_vectors} vector(s), {c.adv_steps} steps at lr {c.adv_lr} every {c.adv_every} "
         f"({c.adv_init}), batch {c.adv_batch}, weight {c.adv_weight}"
@@ -135,6 +136,7 @@ def write_model_card(out: Path, cfg, pairs, family=None) -> None:
         specific += [
             ("lr", c.resolved_lr),
             ("steps", c.steps),
+            ("weights", f"moving average, decay {c.ema_decay}" if c.ema_decay else "the last step's"),
             ("pairs per step", f"{c.batch_size} × {c.grad_accum} accumulation × processes"),
             ("LoRA", f"rank {c.rank}, alpha {c.alpha}, targets {_targets(c, family)}"),
             ("seed", c.seed),

@@ -14,6 +14,7 @@ from duo.data.files import atomic_write_text, named
 LAST = "last"  # file in checkpoints/ naming the newest complete checkpoint
 METHOD_FILE = "method.safetensors"
 SCALER_FILE = "scaler.json"
+EMA_FILE = "ema.safetensors"
 
 
 def checkpoint_dir(out: Path, step: int) -> Path:
@@ -27,15 +28,18 @@ def save_checkpoint(
     optimizer_state: dict,
     method_state: dict | None = None,
     scaler_state: dict | None = None,
+    ema_state: dict | None = None,
 ) -> Path:
-    """LoRA, optimizer, the method's own state (adversarial DUO's inner attack) and fp16's loss-scaler state at
-    `step`, all or nothing."""
+    """LoRA, optimizer, the method's own state (adversarial DUO's inner attack), fp16's loss-scaler state and the
+    LoRA's moving average (--ema-decay) at `step`, all or nothing."""
     final = checkpoint_dir(out, step)
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         _write_checkpoint(tmp, step, lora, optimizer_state, method_state, scaler_state)
+        if ema_state:
+            (tmp / EMA_FILE).write_bytes(save({k: v.contiguous() for k, v in ema_state.items()}))
     except BaseException as exc:  # a full disk: leave no half checkpoint (a kill's is deleted by the next save)
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError):
@@ -76,6 +80,11 @@ def load_checkpoint(path: Path) -> tuple[int, dict[str, torch.Tensor], dict, dic
     )
     method = load_file(path / METHOD_FILE) if (path / METHOD_FILE).is_file() else {}
     return step, lora, optimizer, method
+
+
+def load_ema_state(path: Path) -> dict[str, torch.Tensor] | None:
+    """The LoRA's moving average of a --ema-decay run's checkpoint; None for any other run."""
+    return load_file(path / EMA_FILE) if (path / EMA_FILE).is_file() else None
 
 
 def load_scaler_state(path: Path) -> dict | None:

@@ -106,6 +106,13 @@ class DuoConfig:
         "costs what one does), or each round refreshes them all (all)",
         choices=["turns", "all"],
     )
+    adv_pairs: str = _f(
+        "all",
+        "with several adversaries: every pair is trained under each one's prompt (all: one preference term per "
+        "adversary), or each pair under one's, the adversaries taking the batch's slots in turn (split: the "
+        "adversarial rows of one adversary, their term weighted by the number of adversaries)",
+        choices=["all", "split"],
+    )
 
     @property
     def adversary_kinds(self) -> list[str]:
@@ -215,6 +222,11 @@ class LoopConfig:
     )
     grad_clip: float = _f(1.0, "max gradient norm")
     weight_decay: float = _f(1e-2, "AdamW weight decay")
+    ema_decay: float = _f(
+        0.0,
+        "save an exponential moving average of the LoRA's weights over the steps, with this decay (0.99: about the "
+        "last 100 steps), instead of the last step's (0: off, the authors')",
+    )
     checkpoint_every: int = _f(250, "steps between checkpoints")
     resume: bool = _f(False, "continue the run in --out from its last checkpoint")
     tracker: str | None = _f(None, "accelerate tracker (tensorboard, wandb, ...); none by default")
@@ -342,6 +354,7 @@ def _loop_checks(c: TrainConfig) -> list[tuple[bool, str]]:
         (c.checkpoint_every >= 1, "--checkpoint-every must be ≥ 1"),
         (c.lr is None or c.lr > 0, "--lr must be positive"),
         (c.grad_clip > 0, "--grad-clip must be positive"),
+        (0 <= c.ema_decay < 1, "--ema-decay must be in [0, 1): 0 turns the average off"),
         (not (c.resume and c.overwrite), "--resume and --overwrite exclude each other: pick one"),
         (c.t_min is None or c.t_min >= 0, "--t-min must be ≥ 0"),
         (c.t_min is None or c.t_max is None or c.t_min < c.t_max, "--t-min must be below --t-max"),

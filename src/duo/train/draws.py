@@ -33,6 +33,7 @@ class StepDraws(Draws):
     retain_noise: torch.Tensor
     t_retain: torch.Tensor
     retain_prompt: torch.Tensor  # (G,) index into the retain prompts
+    slot: torch.Tensor  # (G,) the slot's place in the run's endless sequence (step·G + k): no random draw
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -88,4 +89,5 @@ def draw_step(
         retain_noise=torch.randn((G, *latent_shape), generator=g),
         t_retain=torch.randint(0, t_retain_max, (G,), generator=g),
         retain_prompt=torch.randint(0, max(1, n_retain_prompts), (G,), generator=g),
+        slot=torch.arange(step * G, (step + 1) * G),
     )

@@ -27,8 +27,15 @@ from duo.data.pairs import PairSet, load_pair_sets
 from duo.errors import UserError
 from duo.models.lora import attach_lora, get_lora_state, lora_parameters, set_lora_state
 from duo.runs import RunFolder
-from duo.train.checkpoint import latest_checkpoint, load_checkpoint, load_scaler_state, save_checkpoint
+from duo.train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    load_ema_state,
+    load_scaler_state,
+    save_checkpoint,
+)
 from duo.train.config import TrainConfig
+from duo.train.ema import LoraEma
 from duo.train.methods import check_method, make_method
 from duo.train.outputs import (
     CONFIG_FILE,
@@ -59,6 +66,7 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     params: list[torch.nn.Parameter]
     start: int  # the first step to run: 0, or that of the restored checkpoint
+    ema: LoraEma | None = None  # --ema-decay: the LoRA's moving average, what save writes
 
     @property
     def out(self) -> Path:
@@ -103,13 +111,14 @@ def setup(cfg: TrainConfig, make=make_method) -> TrainState:
     optimizer = torch.optim.AdamW(
         params, lr=cfg.resolved_lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay
     )
-    start = _restore(cfg, module, optimizer, method, accelerator)
+    ema = LoraEma(module, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    start = _restore(cfg, module, optimizer, method, accelerator, ema)
     if accelerator.is_main_process:
         _truncate_metrics(Path(cfg.out), start)  # a resumed run rewrites the steps after its checkpoint
     unet, optimizer = accelerator.prepare(module, optimizer)
     if cfg.tracker:
         accelerator.init_trackers("duo", config={k: v for k, v in cfg.to_dict().items() if v is not None})
-    return TrainState(cfg, pairs, folder, accelerator, family, method, unet, optimizer, params, start)
+    return TrainState(cfg, pairs, folder, accelerator, family, method, unet, optimizer, params, start, ema)
 
 
 def _attach(cfg: TrainConfig, family, module: torch.nn.Module) -> None:
@@ -137,7 +146,7 @@ def _start(folder: RunFolder, cfg: TrainConfig, accelerator) -> None:
     accelerator.wait_for_everyone()
 
 
-def _restore(cfg: TrainConfig, unet, optimizer, method, accelerator) -> int:
+def _restore(cfg: TrainConfig, unet, optimizer, method, accelerator, ema: LoraEma | None) -> int:
     out = Path(cfg.out)
     ckpt = latest_checkpoint(out) if cfg.resume else None
     if ckpt is None:
@@ -151,11 +160,22 @@ def _restore(cfg: TrainConfig, unet, optimizer, method, accelerator) -> int:
     optimizer.load_state_dict(opt_state)
     if hasattr(method, "load_state_dict"):
         method.load_state_dict(method_state)
+    if ema is not None:
+        _restore_ema(ema, load_ema_state(ckpt), out)
     scaler = load_scaler_state(ckpt)
     if accelerator.scaler is not None and scaler is not None:
         accelerator.scaler.load_state_dict(scaler)
     log.info("resumed from %s (step %d)", ckpt, step)
     return step
+
+
+def _restore_ema(ema: LoraEma, state: dict | None, out: Path) -> None:
+    if state is None:  # a checkpoint of a run without the average: starting one now would not be that run's
+        raise UserError(
+            f"the checkpoint in '{out}' holds no moving average: it was trained without --ema-decay. Resume it "
+            "without --ema-decay, or start a new --out."
+        )
+    ema.load_state_dict(state)
 
 
 def _check_processes(cfg: TrainConfig, accelerator) -> None:
@@ -219,6 +239,8 @@ def optimizer_step(state: TrainState, step: int) -> dict:
     for skipped in range(MAX_SKIPPED + 1):
         metrics = _update(state, step, draws)
         if not acc.optimizer_step_was_skipped:
+            if state.ema is not None:
+                state.ema.update()
             extra = {"skipped": skipped} if skipped else {}
             return {"step": step + 1, **metrics, **extra, "seconds": round(time.perf_counter() - started, 4)}
     raise UserError(
@@ -265,7 +287,8 @@ def _checkpoint(state: TrainState, step: int) -> None:
         lora = get_lora_state(acc.unwrap_model(state.unet))
         method_state = state.method.state_dict() if hasattr(state.method, "state_dict") else {}
         scaler = acc.scaler.state_dict() if acc.scaler is not None else None  # fp16's loss scale: resume exactly
-        save_checkpoint(state.out, step, lora, state.optimizer.state_dict(), method_state, scaler)
+        ema = state.ema.state_dict() if state.ema is not None else None
+        save_checkpoint(state.out, step, lora, state.optimizer.state_dict(), method_state, scaler, ema)
     acc.wait_for_everyone()
 
 
@@ -273,7 +296,8 @@ def save(state: TrainState) -> Path:
     """The LoRA, its model card and (--fuse) the fused pipeline; then run.json records the outputs' hashes."""
     acc = state.accelerator
     if acc.is_main_process:
-        lora = get_lora_state(acc.unwrap_model(state.unet))
+        with state.ema.in_place() if state.ema is not None else nullcontext():
+            lora = get_lora_state(acc.unwrap_model(state.unet))
         write_lora_folder(state.cfg, state.pairs, state.family, lora, str(acc.device))
         state.folder.finish(outputs=[*OUTPUTS, METRICS_FILE])
     return state.out

@@ -78,22 +78,23 @@ class LiveText:
         self.empty = family.tokenize([""]).to(device)
         self.retain = family.tokenize(retain_prompt_list(pairs, cfg) or [""]).to(device)
 
-    def rows(self, encoder, acc, use_concept, idx, retain_idx, adversaries, anchor: bool) -> torch.Tensor:
+    def rows(self, encoder, acc, use_concept, idx, retain_idx, adversaries, adv_ids, anchor: bool) -> torch.Tensor:
         """Conditioning laid out as the batched forward's rows:
-        [c ; c ; c∅ (; c_r) (; c_adv1 ; c_adv1 ; c_adv2 ; c_adv2 …) (; c∅ ; c∅)]."""
+        [c ; c ; c∅ (; c_r) (; c_adv1 ; c_adv1 ; c_adv2 ; c_adv2 …) (; c∅ ; c∅)]; `adv_ids`: each adversarial row
+        group's token ids (DuoMethod.adversarial_groups)."""
         b = idx.shape[0]
         cond = torch.where(use_concept[:, None], self.unsafe[idx], self.empty.expand(b, -1))
         ids = [cond, self.empty]
         if retain_idx is not None:
             ids.append(self.retain[retain_idx])
-        ids += [a.ids[idx] for a in adversaries]  # placeholders: only these rows' embeddings are swapped by the hooks
+        ids += adv_ids  # placeholders: only these rows' embeddings are swapped by the hooks
         with acc.autocast(), ExitStack() as stack:
             for a in adversaries:  # disjoint placeholders: every adversary's hook swaps its own rows only
                 stack.enter_context(a.vectors_in_place())
             emb = self.family.encode_ids(torch.cat(ids), encoder=encoder)
         cond, empty, rest = emb[:b], emb[b : b + 1].expand(b, -1, -1), emb[b + 1 :]
         retain, rest = (rest[:b], rest[b:]) if retain_idx is not None else (rest[:0], rest)
-        adv = [part for k in range(len(adversaries)) for part in (rest[k * b : (k + 1) * b],) * 2]
+        adv = [part for k in range(len(adv_ids)) for part in (rest[k * b : (k + 1) * b],) * 2]
         return torch.cat([cond, cond, empty, retain, *adv] + [empty, empty] * anchor)
 
 
@@ -197,7 +198,7 @@ class DuoMethod:
             latents.append(fam.add_noise(x_win0, d.retain_noise, d.t_retain))
             ts.append(d.t_retain)
         n_rows = len(latents) * b  # the rows duo_loss reads; adversarial rows follow them
-        for _ in self.adversaries:  # the same x⁻_t, x⁺_t under each inner attack's prompt
+        for _ in self.adversarial_groups(d, idx, "ids"):  # the same x⁻_t, x⁺_t under each inner attack's prompt
             latents, ts = latents + latents[:2], ts + ts[:2]
         if self.cfg.lam_uncond > 0:  # and under c∅, for the anchor
             latents, ts = latents + latents[:2], ts + ts[:2]
@@ -210,7 +211,8 @@ class DuoMethod:
             reference, policy = _reference_and_policy(fam, module, acc, latents, ts, embs)
         else:  # LoRA on the text encoder: one frozen UNet, conditioned by the original and the trained encoder
             anchor = self.cfg.lam_uncond > 0
-            live = self.live.rows(module, acc, d.use_concept, idx, retain_idx, self.adversaries, anchor)
+            adv_ids = self.adversarial_groups(d, idx, "ids")
+            live = self.live.rows(module, acc, d.use_concept, idx, retain_idx, self.adversaries, adv_ids, anchor)
             reference, policy = _reference_and_policy(fam, fam.unet, acc, latents, ts, embs, policy_embs=live)
         return self._loss_parts(policy, reference, target, n_rows, b)
 
@@ -222,24 +224,36 @@ class DuoMethod:
         embs = [cond, cond, empty]
         if retain_idx is not None:
             embs.append(c.emb_retain[retain_idx])
-        for adversary in self.adversaries:
-            embs += [adversary.emb[idx]] * 2
+        for emb in self.adversarial_groups(d, idx, "emb"):
+            embs += [emb] * 2
         if self.cfg.lam_uncond > 0:
             embs += [empty, empty]
         return torch.cat(embs)
+
+    def adversarial_groups(self, d: StepDraws, idx, field: str) -> list[torch.Tensor]:
+        """Each adversarial row group's `field` ("ids" or "emb") for the pairs `idx`: a group per adversary, or
+        with --adv-pairs split one group, slot k under adversary k mod n (the batch's slots taken in turn)."""
+        per = [getattr(a, field)[idx] for a in self.adversaries]
+        if self.cfg.adv_pairs == "all" or len(per) < 2:
+            return per
+        which = d.slot.to(idx.device) % len(per)
+        return [torch.stack(per)[which, torch.arange(len(idx), device=idx.device)]]
 
     def _loss_parts(self, policy, reference, target, n_rows: int, b: int) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         lam_retain = cfg.resolved_lam_retain if cfg.keep == "noise+retain" else 0.0
         parts = duo_loss(policy[:n_rows], reference[:n_rows], target, b, cfg.beta, cfg.resolved_lam, lam_retain)
         out = {name: getattr(parts, name) for name in DuoMethod.metrics}
-        if self.adversaries:  # each adversary's 2b rows, one preference term each (metrics: their mean)
+        if self.adversaries:  # each row group's 2b rows, one preference term each (metrics: their mean)
+            n_groups = (policy.shape[0] - n_rows - 2 * b * (cfg.lam_uncond > 0)) // (2 * b)
             terms = []
-            for k in range(len(self.adversaries)):
+            for k in range(n_groups):
                 rows = slice(n_rows + 2 * b * k, n_rows + 2 * b * (k + 1))
                 lose, win = preference_deltas(policy[rows], reference[rows], target)
                 terms.append(preference_loss(win, lose, cfg.beta).mean())
-            out["loss"] = out["loss"] + cfg.adv_weight * sum(terms)
+            # split: one group stands for every adversary's term (the same expected loss as `all`)
+            weight = cfg.adv_weight * len(self.adversaries) / n_groups
+            out["loss"] = out["loss"] + weight * sum(terms)
             out["adv_pref"] = torch.stack(terms).mean()
             out["adv_loss"] = torch.stack([a.last_loss for a in self.adversaries]).mean().to(parts.loss.device)
         if cfg.lam_uncond > 0:  # the last 2b rows: x⁻_t, x⁺_t under c∅
