@@ -85,7 +85,7 @@ def test_probe_trains_leaves_the_model_fine_tuned_and_restores_it_exactly(tiny_m
     assert set(prov["steps_to_fall"]) == {"attacked", "original"} and not prov["resumed"]
 
     # left fine-tuned: the attention weights moved, to what the file holds; nothing else moved, LoRA included
-    trained = relearn.trained_parameters(family.unet, FAST.params)
+    trained = relearn.trained_parameters(family, FAST.params)
     saved = load_file(prov["weights_file"])
     assert set(saved) == set(trained)
     assert all(torch.equal(trained[k].detach().cpu(), v) for k, v in saved.items())
@@ -115,7 +115,7 @@ def test_a_new_session_loads_the_saved_weights_instead_of_training(tiny_model, t
     family = lora_family(tiny_model, tmp_path / "lora")  # a new process: weights as loaded
     again = relearn.prepare(make_ctx(family, tmp_path / "run", has_loras=True), FAST)
     assert again["resumed"] and again["curves"] == prov["curves"]
-    trained = relearn.trained_parameters(family.unet, FAST.params)
+    trained = relearn.trained_parameters(family, FAST.params)
     assert all(torch.equal(trained[k].detach().cpu(), v) for k, v in load_file(prov["weights_file"]).items())
 
 
@@ -192,3 +192,39 @@ def test_the_original_probe_reads_the_captions_through_the_original_text_encoder
     record_alone = json.loads((tmp_path / "alone" / "relearn" / "curve.json").read_text())
     assert record["original"]["losses"] == record_alone["attacked"]["losses"]
     assert prov["curves"]["attacked"][0]["eval_loss"] != prov["curves"]["original"][0]["eval_loss"]
+
+
+def test_the_text_encoder_fine_tune_trains_the_encoder_through_its_lora_and_restores_it(tiny_model, tmp_path):
+    """--params text-encoder (the attacker of a text-encoder LoRA): the captions go through the encoder being
+    fine-tuned at every step, so its own weights move (the LoRA's and the UNet's do not), the original's probe is
+    the same fine-tune of a model that never had the LoRA, and restore puts every weight back."""
+    from duo.models.lora import TEXT_ENCODER_LAYERS
+
+    folder = tmp_path / "te-lora"
+    donor = load_family(tiny_model)
+    attach_lora(donor.text_encoders[0], rank=4, alpha=4, targets=TEXT_ENCODER_LAYERS)
+    torch.manual_seed(0)
+    for p in lora_parameters(donor.text_encoders[0]):
+        p.data.normal_(0.0, 0.3)
+    donor.save_lora(folder, get_lora_state(donor.text_encoders[0]))
+    family = load_family(tiny_model)
+    family.load_loras([(str(folder), 1.0)])
+    encoder = family.text_encoders[0]
+    text_before = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
+    unet_before = weights(family)
+    te = relearn.Settings(**{**FAST.__dict__, "params": "text-encoder"})
+    ctx = make_ctx(family, tmp_path / "run", has_loras=True)
+    prov = relearn.prepare(ctx, te)
+    moved = {k for k, v in encoder.state_dict().items() if not torch.equal(text_before[k], v)}
+    assert moved and not any("lora_" in k for k in moved)
+    assert all(torch.equal(unet_before[k], v) for k, v in weights(family).items())
+    assert set(load_file(prov["weights_file"])) == set(relearn.trained_parameters(family, "text-encoder"))
+    assert all(k.startswith(relearn.TEXT_PREFIX) for k in load_file(prov["weights_file"]))
+    assert prov["curves"]["attacked"][-1]["eval_loss"] < prov["curves"]["attacked"][0]["eval_loss"]
+    alone = relearn.prepare(make_ctx(load_family(tiny_model), tmp_path / "alone", has_loras=False), te)
+    record = json.loads((tmp_path / "run" / "relearn" / "curve.json").read_text())
+    record_alone = json.loads((tmp_path / "alone" / "relearn" / "curve.json").read_text())
+    assert record["original"]["losses"] == record_alone["attacked"]["losses"] != record["attacked"]["losses"]
+    assert alone["curves"]["attacked"] == prov["curves"]["original"]
+    relearn.restore(ctx)
+    assert all(torch.equal(text_before[k], v) for k, v in encoder.state_dict().items())

@@ -7,12 +7,14 @@ it from scratch. Our protocol (no single published one; see the settings' docstr
 
 - data: ONE judge-filtered image set of the original model (`ctx.concept_images`, hashed), captions = its prompts;
 - loss: the family's plain denoising loss, t uniform over the whole schedule, fresh noise every step, AdamW;
-- weights: the denoiser's attention projections (or all of it), trained as base weights under the active LoRAs.
+- weights: the denoiser's attention projections (or all of it), and/or the first text encoder's linear layers
+  (`--params text-encoder`: the attacker of a text-encoder LoRA), trained as base weights under the active LoRAs.
   The gradient of a base weight W under a LoRA is the gradient of the fused weight W + BA, so with weight
   decay 0 this is exactly fine-tuning the fused model, without fusing (the LoRAs stay switchable);
 - the same fine-tune (seed, data order, noise) twice: the model under attack (LoRAs on), then the original
   (`ctx.original()`: LoRAs off), each from its own weights and with the captions as its own text encoder reads
-  them (a text-encoder LoRA changes the conditioning; the text encoder itself is not fine-tuned); without LoRAs
+  them (a text-encoder LoRA changes the conditioning; when the text encoder is fine-tuned too, the captions are
+  encoded through it at every step); without LoRAs
   the two are the same model, so the first curve is reused. At each checkpoint the first `curve_targets` targets
   are generated under the guard (`ctx.generate`, their seeds and guidance, one image each) and judged.
 
@@ -51,6 +53,7 @@ FOLDER, CURVE, WEIGHTS = "relearn", "curve.json", "finetuned.safetensors"
 SNAPSHOT = "relearn-snapshot"  # ctx.memo key: the trained weights as they were before the probe
 EVAL_DRAWS = 16  # fixed (image, t, noise) draws whose loss is reported at every checkpoint
 LORA_PARTS = ("lora_",)  # PEFT's adapter tensors: never trained here, the LoRA under attack stays as it is
+TEXT_PREFIX = "text_encoder."  # names of the text encoder's trained weights (the denoiser's keep theirs bare)
 log = logging.getLogger(__name__)
 
 
@@ -58,7 +61,7 @@ def prepare(ctx, s: Settings) -> dict:
     """Run the probe (or load its result) and leave the family fine-tuned; returns the curves."""
     s.validate()
     _check_dtype(ctx.family)
-    params = trained_parameters(ctx.family.unet, s.params)
+    params = trained_parameters(ctx.family, s.params)
     # Every weight a probe ever trained went into the snapshot before it moved, so a weight not in it still
     # holds its loaded value: a second prepare of the context (other settings included) starts from those.
     snapshot = ctx.memo.setdefault(SNAPSHOT, {})
@@ -83,7 +86,7 @@ def restore(ctx) -> None:
     """Put back the weights as the context's first prepare() found them (bit for bit)."""
     snapshot = ctx.memo.get(SNAPSHOT)
     if snapshot is not None:
-        _apply(trained_parameters(ctx.family.unet, "all"), snapshot)
+        _apply(trained_parameters(ctx.family, "all+text-encoder"), snapshot)
 
 
 # ---- which weights -----------------------------------------------------------------------------------------
@@ -92,25 +95,39 @@ def canonical(name: str) -> str:
     return name.replace(".base_layer.", ".")
 
 
-def trained_parameters(unet: torch.nn.Module, which: str) -> dict[str, torch.nn.Parameter]:
-    """The denoiser's own weights that the probe trains, by canonical name; LoRA tensors never.
+def trained_parameters(family: ModelFamily, which: str) -> dict[str, torch.nn.Parameter]:
+    """The model's own weights that the probe trains, by canonical name; LoRA tensors never. `which`: parts joined
+    with '+' (settings.PARAMS).
 
-    'attention': every linear layer inside an attention block, found by the `to_q`/`to_k` pair that diffusers'
-    attention classes of every family share (SD's attn1/attn2, the joint attention of SD3 and FLUX).
+    'attention': every linear layer inside an attention block of the denoiser, found by the `to_q`/`to_k` pair
+    that diffusers' attention classes of every family share (SD's attn1/attn2, the joint attention of SD3 and
+    FLUX); 'all': every denoiser weight; 'text-encoder': every linear layer of the first text encoder (attention
+    and feed-forward, where a text-encoder LoRA sits), named with a `text_encoder.` prefix.
     """
-    if which == "all":
-        chosen = dict(unet.named_parameters())
-    else:
-        chosen = {}
-        for name, module in unet.named_modules():
+    parts, chosen = which.split("+"), {}
+    if "all" in parts:
+        chosen |= dict(family.unet.named_parameters())
+    elif "attention" in parts:
+        for name, module in family.unet.named_modules():
             if hasattr(module, "to_q") and hasattr(module, "to_k"):
-                for sub, layer in module.named_modules():
-                    if isinstance(layer, torch.nn.Linear):
-                        chosen |= {f"{name}.{sub}.{k}": p for k, p in layer.named_parameters()}
+                chosen |= {f"{name}.{k}": p for k, p in _linear_parameters(module)}
+    if "text-encoder" in parts:
+        chosen |= {f"{TEXT_PREFIX}{k}": p for k, p in _linear_parameters(family.text_encoders[0])}
     kept = {canonical(k): p for k, p in chosen.items() if not any(part in k for part in LORA_PARTS)}
     if not kept:
-        raise UserError(f"the denoiser of this model has no {which} weights to fine-tune; use --params all")
+        raise UserError(f"this model has no {which} weights to fine-tune; use --params all")
     return kept
+
+
+def _linear_parameters(module: torch.nn.Module):
+    for sub, layer in module.named_modules():
+        if isinstance(layer, torch.nn.Linear):
+            yield from ((f"{sub}.{k}", p) for k, p in layer.named_parameters())
+
+
+def trains_text_encoder(s: Settings) -> bool:
+    """The captions are then encoded at every step, through the encoder being fine-tuned."""
+    return "text-encoder" in s.params.split("+")
 
 
 def _apply(params: dict[str, torch.nn.Parameter], state: dict[str, torch.Tensor], exact: bool = False) -> None:
@@ -141,6 +158,7 @@ class _Data:
     emb: torch.Tensor
     draws: dict
     captions: list[str]
+    ids: torch.Tensor | None = None  # the captions' tokens, when the text encoder trains (encoded every step)
 
 
 def _data(ctx, s: Settings) -> tuple[_Data, dict]:
@@ -155,7 +173,8 @@ def _data(ctx, s: Settings) -> tuple[_Data, dict]:
     t = torch.randint(0, family.num_train_timesteps, (EVAL_DRAWS,), generator=g)
     x0 = family.latents_from_distribution(mean[idx], std[idx], torch.randn(mean[idx].shape, generator=g))
     draws = {"idx": idx, "t": t, "x0": x0, "noise": torch.randn(x0.shape, generator=g)}
-    return _Data(mean, std, emb, draws, prompts), source | {"prompts": sorted(set(prompts))}
+    ids = family.tokenize(prompts) if trains_text_encoder(s) else None
+    return _Data(mean, std, emb, draws, prompts, ids), source | {"prompts": sorted(set(prompts))}
 
 
 @torch.no_grad()
@@ -231,7 +250,11 @@ def _batch(family: ModelFamily, data: _Data, size: int, generator: torch.Generat
 
 def _loss(family: ModelFamily, data: _Data, d: dict) -> torch.Tensor:
     x0, noise, t = (d[k].to(family.device) for k in ("x0", "noise", "t"))
-    pred = family.denoise(family.unet, family.add_noise(x0, noise, t), t, data.emb[d["idx"].to(data.emb.device)])
+    if data.ids is None:
+        emb = data.emb[d["idx"].to(data.emb.device)]
+    else:  # through the text encoder as it stands (fine-tuned so far, its LoRA on or off as the context has it)
+        emb = family.encode_ids(data.ids[d["idx"].to(data.ids.device)])
+    pred = family.denoise(family.unet, family.add_noise(x0, noise, t), t, emb)
     return torch.nn.functional.mse_loss(pred.float(), family.training_target(x0, noise, t).float())
 
 

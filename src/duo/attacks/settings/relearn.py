@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from duo.errors import UserError
 
 NAME = "relearn"
-PARAMS = ("attention", "all")
+PARAMS = ("attention", "all", "text-encoder", "attention+text-encoder", "all+text-encoder")
 
 
 @dataclass
@@ -28,7 +28,8 @@ class Settings:
     params: str = field(
         default="attention",
         metadata={
-            "help": "denoiser weights that train: every attention projection (q, k, v, out), or all of them",
+            "help": "weights that train: the denoiser's attention projections (q, k, v, out) or all of it, the first "
+            "text encoder's linear layers (text-encoder: how a text-encoder LoRA is attacked), or both joined with +",
             "choices": PARAMS,
         },
     )
