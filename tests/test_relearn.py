@@ -57,6 +57,21 @@ def lora_family(model: str, folder: Path):
     return family
 
 
+def text_encoder_lora_family(model: str, folder: Path):
+    """The tiny model with a random LoRA on its text encoder, loaded as `duo attack --lora` loads one."""
+    from duo.models.lora import TEXT_ENCODER_LAYERS
+
+    donor = load_family(model)
+    attach_lora(donor.text_encoders[0], rank=4, alpha=4, targets=TEXT_ENCODER_LAYERS)
+    torch.manual_seed(0)
+    for p in lora_parameters(donor.text_encoders[0]):
+        p.data.normal_(0.0, 0.3)
+    donor.save_lora(folder, get_lora_state(donor.text_encoders[0]))
+    family = load_family(model)
+    family.load_loras([(str(folder), 1.0)])
+    return family
+
+
 def make_ctx(family, out: Path, has_loras: bool) -> AttackContext:
     concept = concept_from_dict(CONCEPT)
     targets = [Target(target_id(i, p), p, 10 + i, 5.0) for i, p in enumerate(PROMPTS)]
@@ -175,17 +190,7 @@ def test_the_original_probe_reads_the_captions_through_the_original_text_encoder
     """With a text-encoder LoRA the conditioning changes too: the attacked probe fine-tunes on the captions as the
     LoRA'd encoder encodes them, the original's on the original encoder's — the same losses as a model that never
     had the LoRA."""
-    from duo.models.lora import TEXT_ENCODER_LAYERS
-
-    folder = tmp_path / "te-lora"
-    donor = load_family(tiny_model)
-    attach_lora(donor.text_encoders[0], rank=4, alpha=4, targets=TEXT_ENCODER_LAYERS)
-    torch.manual_seed(0)
-    for p in lora_parameters(donor.text_encoders[0]):
-        p.data.normal_(0.0, 0.3)
-    donor.save_lora(folder, get_lora_state(donor.text_encoders[0]))
-    family = load_family(tiny_model)
-    family.load_loras([(str(folder), 1.0)])
+    family = text_encoder_lora_family(tiny_model, tmp_path / "te-lora")
     prov = relearn.prepare(make_ctx(family, tmp_path / "run", has_loras=True), FAST)
     relearn.prepare(make_ctx(load_family(tiny_model), tmp_path / "alone", has_loras=False), FAST)
     record = json.loads((tmp_path / "run" / "relearn" / "curve.json").read_text())
@@ -198,17 +203,7 @@ def test_the_text_encoder_fine_tune_trains_the_encoder_through_its_lora_and_rest
     """--params text-encoder (the attacker of a text-encoder LoRA): the captions go through the encoder being
     fine-tuned at every step, so its own weights move (the LoRA's and the UNet's do not), the original's probe is
     the same fine-tune of a model that never had the LoRA, and restore puts every weight back."""
-    from duo.models.lora import TEXT_ENCODER_LAYERS
-
-    folder = tmp_path / "te-lora"
-    donor = load_family(tiny_model)
-    attach_lora(donor.text_encoders[0], rank=4, alpha=4, targets=TEXT_ENCODER_LAYERS)
-    torch.manual_seed(0)
-    for p in lora_parameters(donor.text_encoders[0]):
-        p.data.normal_(0.0, 0.3)
-    donor.save_lora(folder, get_lora_state(donor.text_encoders[0]))
-    family = load_family(tiny_model)
-    family.load_loras([(str(folder), 1.0)])
+    family = text_encoder_lora_family(tiny_model, tmp_path / "te-lora")
     encoder = family.text_encoders[0]
     text_before = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
     unet_before = weights(family)
