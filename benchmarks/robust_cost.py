@@ -6,10 +6,11 @@
 
 Both variants are the whole `duo train` command on the same Shapes pairs, seed and thread count: plain DUO
 is the pairs' concept preset (shapes-red), DUO-adv the preset plus make compare's DUO-adv flags
-(`duo.shapes.world.DUO_ADV`: soft-prompt and unlearndiff inner attacks, 20 steps every 20, the unconditional
-anchor, a text-encoder LoRA), "DUO-adv unet" the study's first finalist (soft-prompt adversary and anchor on the
-UNet), the soft+ud variants those of docs/robust_duo.md's two-adversary rows on the UNet (rounds taking turns,
-or both refreshed every round, `--adv-rounds all`), so start-up,
+(`duo.shapes.world.DUO_ADV`: soft-prompt and unlearndiff inner attacks splitting the batch, 40 steps every 20,
+10 vectors, the unconditional anchor, a text-encoder LoRA, its weights averaged), "DUO-adv te all" the row before
+it (every pair under both adversaries, 20 steps every 20, 5 vectors), "DUO-adv unet" the study's first finalist
+(soft-prompt adversary and anchor on the UNet), the soft+ud variants those of docs/robust_duo.md's two-adversary
+rows on the UNet (rounds taking turns, or both refreshed every round, `--adv-rounds all`), so start-up,
 encoding caches and checkpointing are in both. Rounds alternate the order (A B, B A, ...) because these
 machines drift by ±20 % within minutes; one runs while the other is idle. Reported: each variant's median
 wall seconds and the median of the per-round ratios DUO-adv / DUO (the issue's target: ≤ 3×).
@@ -25,12 +26,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from duo.shapes.world import DUO_ADV, DUO_ADV_UNET
+from duo.shapes.world import DUO_ADV, DUO_ADV_TE_ALL, DUO_ADV_UNET
 
 BOTH = {**DUO_ADV_UNET, "adversarial": "soft-prompt+unlearndiff"}
 VARIANTS = {
     "DUO": {},
-    "DUO-adv": DUO_ADV,  # make compare's row: the s20e20 pair below on a text-encoder LoRA
+    "DUO-adv": DUO_ADV,  # make compare's row
+    "DUO-adv te all": DUO_ADV_TE_ALL,  # make compare's row until 2026-12-08: the s20e20 pair on the text encoder
     "DUO-adv unet": DUO_ADV_UNET,
     "DUO-adv soft+ud turns": BOTH,
     "DUO-adv soft+ud all": {**BOTH, "adv_rounds": "all"},

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from duo.shapes.world import ADVUNLEARN, DUO_ADV, DUO_ADV_UNET
+from duo.shapes.world import ADVUNLEARN, DUO_ADV, DUO_ADV_TE_ALL, DUO_ADV_UNET
 
 # variant → flags over the shapes-red preset (src/duo/concepts/shapes-red.yaml `train:`)
 CI = {"adversarial": "concept-inversion"}
@@ -29,7 +29,7 @@ SOFT = {"adversarial": "soft-prompt", "adv_vectors": 5}
 FRESH = {"adv_init": "fresh", "adv_every": 25, "adv_steps": 50}
 UD_ANCHORED = {"adversarial": "unlearndiff", "adv_vectors": 5, "lam_uncond": 1e4}
 # both adversaries refreshed every round, 20 inner steps every 20 optimizer steps, UNet LoRA
-S20E20 = {k: v for k, v in DUO_ADV.items() if k != "lora_on"}  # make compare's DUO-adv flags, on the UNet
+S20E20 = {k: v for k, v in DUO_ADV_TE_ALL.items() if k != "lora_on"}  # stop 26's DUO-adv flags, on the UNet
 TE = {"lora_on": "text-encoder"}
 VARIANTS = {
     "DUO": {},
@@ -58,28 +58,30 @@ VARIANTS = {
     "DUO-adv soft+ud all anchored s20e20 b25": {**S20E20, "beta": 25.0},
     # where the LoRA sits: the text encoder (AdvUnlearn's place), plain and with the s20e20 adversaries
     "DUO te": TE,
-    "DUO-adv soft+ud all anchored s20e20 te": DUO_ADV,  # make compare's DUO-adv row
+    "DUO-adv soft+ud all anchored s20e20 te": DUO_ADV_TE_ALL,  # make compare's DUO-adv row until stop 27
     # the text-encoder placement's levers, one at a time
     "DUO-adv soft anchored te": {**DUO_ADV_UNET, **TE},
     "DUO-adv ud anchored te": {**UD_ANCHORED, **TE},
-    "DUO-adv soft+ud all s20e20 te": {**DUO_ADV, "lam_uncond": 0.0},
+    "DUO-adv soft+ud all s20e20 te": {**DUO_ADV_TE_ALL, "lam_uncond": 0.0},
     # all three adversaries (Concept Inversion's placement too), every round, on the text encoder
     "DUO-adv ci+soft+ud all anchored s20e20 te": {
-        **DUO_ADV,
+        **DUO_ADV_TE_ALL,
         "adversarial": "concept-inversion+soft-prompt+unlearndiff",
     },
     # stop 27: the adversaries split over the batch (each pair under one's prompt: the adversarial rows of one), the
     # saved cost spent on a third adversary or stronger rounds; and more vectors
     "DUO-adv ci+soft+ud split s20e20 te": {
-        **DUO_ADV,
+        **DUO_ADV_TE_ALL,
         "adversarial": "concept-inversion+soft-prompt+unlearndiff",
         "adv_pairs": "split",
     },
-    "DUO-adv soft+ud split s40e20 te": {**DUO_ADV, "adv_pairs": "split", "adv_steps": 40},
-    "DUO-adv soft+ud all anchored s20e20 v10 te": {**DUO_ADV, "adv_vectors": 10},
+    "DUO-adv soft+ud split s40e20 te": {**DUO_ADV_TE_ALL, "adv_pairs": "split", "adv_steps": 40},
+    "DUO-adv soft+ud all anchored s20e20 v10 te": {**DUO_ADV_TE_ALL, "adv_vectors": 10},
+    "DUO-adv soft+ud split s40e20 v10 te": {**DUO_ADV_TE_ALL, "adv_pairs": "split", "adv_steps": 40, "adv_vectors": 10},
     # the saved LoRA the moving average of the weights (the game's iterates averaged, not its last step)
-    "DUO-adv soft+ud all anchored s20e20 te ema99": {**DUO_ADV, "ema_decay": 0.99},
-    "DUO-adv soft+ud all anchored s20e20 te ema995": {**DUO_ADV, "ema_decay": 0.995},
+    "DUO-adv soft+ud all anchored s20e20 te ema99": {**DUO_ADV_TE_ALL, "ema_decay": 0.99},
+    "DUO-adv soft+ud all anchored s20e20 te ema995": {**DUO_ADV_TE_ALL, "ema_decay": 0.995},
+    "DUO-adv soft+ud split s40e20 v10 te ema99": DUO_ADV,  # make compare's DUO-adv row since stop 27
     "AdvUnlearn": ADVUNLEARN,  # the robust anchor to beat: the compare row's settings
 }
 ATTACKS = {

@@ -61,10 +61,10 @@ ADVUNLEARN = {
 # The robust study's first finalist (docs/robust_duo.md), a UNet LoRA: a 5-vector soft-prompt adversary against the
 # LoRA being trained, and the unconditional anchor that stops guidance from bringing red back through c∅.
 DUO_ADV_UNET = {"adversarial": "soft-prompt", "adv_vectors": 5, "lam_uncond": 1e4}
-# DUO-adv, the comparison's row: the same on a text-encoder LoRA, with a real-token (unlearndiff) adversary beside
-# the soft-prompt one, both refreshed every 20 steps for 20 inner steps — the study's best 3-seed row (every
-# token-space attack held; Concept Inversion and soft prompts still break one seed of three).
-DUO_ADV = {
+# The same on a text-encoder LoRA, with a real-token (unlearndiff) adversary beside the soft-prompt one, both
+# refreshed every 20 steps for 20 inner steps: the comparison's row of 2026-12-07 (every token-space attack held;
+# Concept Inversion and soft prompts broke one seed of three).
+DUO_ADV_TE_ALL = {
     **DUO_ADV_UNET,
     "adversarial": "soft-prompt+unlearndiff",
     "adv_rounds": "all",
@@ -72,6 +72,10 @@ DUO_ADV = {
     "adv_every": 20,
     "lora_on": "text-encoder",
 }
+# DUO-adv, the comparison's row since 2026-12-08: each pair under one adversary's prompt (the batch split between
+# them: half the adversarial rows), the saving spent on 40 inner steps a round and 10 vectors, and the saved LoRA
+# the moving average of its weights (decay 0.99) — docs/robust_duo.md, "Split, stronger, averaged".
+DUO_ADV = {**DUO_ADV_TE_ALL, "adv_pairs": "split", "adv_steps": 40, "adv_vectors": 10, "ema_decay": 0.99}
 METHODS = (
     {"label": "DUO β=25", "train": {"beta": 25.0}},
     {"label": "DUO β=50", "train": {"beta": 50.0}},
@@ -82,7 +86,8 @@ METHODS = (
     {"label": "ESD-x lr 3e-4", "train": {"method": "esd-x", "esd_prompts": "unsafe", "lr": 3e-4, "steps": 500}},
     {"label": "ESD-u", "train": {"method": "esd-u", "esd_prompts": "unsafe", "lr": 1e-3, "steps": 500}},
     {"label": "UCE", "train": {"method": "uce", "uce_erase": "prompts"}},
-    {"label": "DUO-adv", "train": DUO_ADV, "folder": "duo-adv-te"},  # its own folder: the UNet row's points differ
+    # its own folder: the earlier rows' points (UNet: duo-adv, text encoder every pair: duo-adv-te) differ
+    {"label": "DUO-adv", "train": DUO_ADV, "folder": "duo-adv-te-split"},
     {"label": "AdvUnlearn", "train": ADVUNLEARN},
     {"label": "negative prompt", "guard": "negprompt"},
     {"label": "SLD-Max", "guard": "sld-max"},

@@ -108,9 +108,8 @@ class DuoConfig:
     )
     adv_pairs: str = _f(
         "all",
-        "with several adversaries: every pair is trained under each one's prompt (all: one preference term per "
-        "adversary), or each pair under one's, the adversaries taking the batch's slots in turn (split: the "
-        "adversarial rows of one adversary, their term weighted by the number of adversaries)",
+        "several adversaries: every pair under each one's prompt (all), or under one's, the batch's slots taken in "
+        "turn (split: one adversary's rows, their term weighted by the number of adversaries)",
         choices=["all", "split"],
     )
 
@@ -223,9 +222,7 @@ class LoopConfig:
     grad_clip: float = _f(1.0, "max gradient norm")
     weight_decay: float = _f(1e-2, "AdamW weight decay")
     ema_decay: float = _f(
-        0.0,
-        "save an exponential moving average of the LoRA's weights over the steps, with this decay (0.99: about the "
-        "last 100 steps), instead of the last step's (0: off, the authors')",
+        0.0, "save the LoRA's moving average over the steps with this decay (0.99: ~the last 100), 0: the last step's"
     )
     checkpoint_every: int = _f(250, "steps between checkpoints")
     resume: bool = _f(False, "continue the run in --out from its last checkpoint")
