@@ -82,6 +82,9 @@ VARIANTS = {
     "DUO-adv soft+ud all anchored s20e20 te ema99": {**DUO_ADV_TE_ALL, "ema_decay": 0.99},
     "DUO-adv soft+ud all anchored s20e20 te ema995": {**DUO_ADV_TE_ALL, "ema_decay": 0.995},
     "DUO-adv soft+ud split s40e20 v10 te ema99": DUO_ADV,  # make compare's DUO-adv row since stop 27
+    # the text encoder's own output held on the retain prompts (circles: the other shapes' words moved)
+    "DUO-adv te text-retain 1e3": {**DUO_ADV, "lam_text_retain": 1e3},
+    "DUO-adv te text-retain 1e4": {**DUO_ADV, "lam_text_retain": 1e4},
     "AdvUnlearn": ADVUNLEARN,  # the robust anchor to beat: the compare row's settings
 }
 ATTACKS = {

@@ -176,3 +176,20 @@ def test_concept_targets_belong_to_the_placement_they_were_written_for():
     assert config_with_concept_defaults({**base, "lora_on": "unet"}, own).targets is None
     cfg = config_with_concept_defaults({**base, **TE}, {})
     assert cfg.lora_module == "text_encoder" and config_with_concept_defaults(base, {}).lora_module == "unet"
+
+
+def test_the_text_retain_term_holds_the_encoders_output_on_the_retain_prompts(tiny_model, pairs_dir, tmp_path, capsys):
+    """--lam-text-retain: ‖E_θ(c_r) − E(c_r)‖² on the retain rows, zero while the LoRA is zero, then positive and in
+    the loss; refused without a text-encoder LoRA (exit 2, nothing written)."""
+    flags = dict(steps=3, keep="noise+retain", conditioning="concept", **TE)
+    plain = metrics(run(tiny_model, pairs_dir, tmp_path / "plain", **flags))
+    held_dir = run(tiny_model, pairs_dir, tmp_path / "held", lam_text_retain=1e4, **flags)
+    held = metrics(held_dir)
+    assert "| text-encoder retain λ | 10000.0 |" in (held_dir / "README.md").read_text()
+    assert "text_retain" not in plain[0] and held[0]["text_retain"] == pytest.approx(0.0, abs=1e-12)
+    assert held[0]["loss"] == pytest.approx(plain[0]["loss"], abs=1e-6)  # the same first step: LoRA B is zero
+    assert held[1]["text_retain"] > 0 and held[1]["loss"] != pytest.approx(plain[1]["loss"], abs=1e-6)
+    args = ["train", "--model", tiny_model, "--data", str(pairs_dir), "--out", str(tmp_path / "unet")]
+    assert main([*args, "--keep", "noise+retain", "--lam-text-retain", "10"]) == 2
+    assert "--lam-text-retain holds the output of a text-encoder LoRA" in capsys.readouterr().err
+    assert not (tmp_path / "unet").exists()

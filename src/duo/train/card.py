@@ -128,6 +128,7 @@ def write_model_card(out: Path, cfg, pairs, family=None) -> None:
                 ("unconditional anchor λ_u", c.lam_uncond),
                 ("adversary", _adversary(c)),
             ]
+            specific += [("text-encoder retain λ", c.lam_text_retain)] if c.lam_text_retain else []
         elif c.method == "advunlearn":
             specific += [("η", c.negative_guidance), ("retain weight", c.retain_weight)]
             specific += [("attack", f"{c.attack_tokens} token(s), {c.attack_steps} steps every {c.attack_every}")]

@@ -55,11 +55,11 @@ class DuoConfig:
     )
     keep: str = _f(
         "noise",
-        "keep term: noise (x_T at T under c∅, authors) or noise+retain (also safe images "
-        "under retained prompts at random t)",
+        "keep term: noise (x_T at T under c∅, authors) or noise+retain (also safe images, retained prompts, random t)",
         choices=["noise", "noise+retain"],
     )
     lam_retain: float | None = _f(None, "weight of the retain part of noise+retain (default: λ)")
+    lam_text_retain: float = _f(0.0, "text-encoder LoRA: weight of ‖E_θ(c_r) − E(c_r)‖² on the retain prompts")
     lam_uncond: float = _f(
         0.0,
         "weight of the unconditional anchor ‖ε_θ(x_t, c∅) − ε_ref(x_t, c∅)‖² on each pair's x⁻_t and x⁺_t (0: off). "
@@ -73,20 +73,17 @@ class DuoConfig:
     )
     lora_on: str = _f(
         "unet",
-        "where the LoRA sits: unet (authors; --targets default self-attention) or text-encoder (the first text "
-        "encoder, the frozen UNet reads its conditioning; --targets default: its attention and feed-forward layers, "
-        "as AdvUnlearn's). The concept file's `targets:` belong to its own placement (the UNet unless it sets "
-        "lora_on), so they are dropped when --lora-on moves the LoRA elsewhere",
+        "where the LoRA sits: unet (authors; --targets default self-attention) or text-encoder (the first encoder, "
+        "read by the frozen UNet; default targets its attention and feed-forward, as AdvUnlearn's). A concept file's "
+        "`targets:` belong to its own placement (the UNet unless it sets lora_on): dropped when --lora-on moves it",
         choices=list(LORA_PLACEMENTS),
     )
     adversarial: str = _f(
         "none",
         "adversarial DUO: every --adv-every steps an inner attack learns token vectors that bring the concept back "
-        "past the LoRA being trained, and every pair is used a second time conditioned on them: none "
-        "(authors), concept-inversion (vectors in place of the concept's words), soft-prompt (vectors before the "
-        "prompt, the concept's words deleted), unlearndiff (a prefix of real tokens before the whole prompt: each "
-        "vector is replaced by its nearest vocabulary token, gradients pass straight through); several joined with "
-        "'+' (soft-prompt+unlearndiff) take turns round by round and every pair is trained under each one's prompt",
+        "past the LoRA, and every pair is used again conditioned on them: none (authors), concept-inversion (in place "
+        "of the concept's words), soft-prompt (before the prompt, concept words deleted), unlearndiff (a prefix of "
+        "real tokens: nearest vocabulary token, straight-through gradients); several joined with '+' take turns",
     )
     adv_every: int = _f(10, "optimizer steps between rounds of the inner attack")
     adv_steps: int = _f(10, "Adam steps of the inner attack per round (its vectors carry over between rounds)")
@@ -367,10 +364,14 @@ def _duo_checks(c: TrainConfig) -> list[tuple[bool, str]]:
         (c.beta > 0 and math.isfinite(c.beta), f"β must be a positive number, got {c.beta}"),
         (c.lam is None or c.lam >= 0, "--lam must be ≥ 0"),
         (
-            c.keep == "noise+retain" or (c.lam_retain is None and c.retain_prompts == "safe"),
-            "--lam-retain and --retain-prompts only apply with --keep noise+retain",
+            c.keep == "noise+retain" or (c.lam_retain is None and c.retain_prompts == "safe" and not c.lam_text_retain),
+            "--lam-retain, --lam-text-retain and --retain-prompts only apply with --keep noise+retain",
         ),
-        (c.lam_uncond >= 0, "--lam-uncond must be ≥ 0"),
+        (c.lam_uncond >= 0 and c.lam_text_retain >= 0, "--lam-uncond and --lam-text-retain must be ≥ 0"),
+        (
+            c.lam_text_retain == 0 or c.lora_on == "text-encoder",
+            "--lam-text-retain holds the output of a text-encoder LoRA: add --lora-on text-encoder, or drop it",
+        ),
         (
             c.lam_uncond == 0 or c.conditioning != "empty",
             "--lam-uncond anchors the c∅ branch that --conditioning empty trains: use concept or mixed, or drop it",
@@ -387,14 +388,5 @@ PART_CHECKS = {
 }
 
 # Settings a resumed run may change: the rest must equal the first run's.
-RESUMABLE_CHANGES = (
-    "steps",
-    "resume",
-    "overwrite",
-    "fuse",
-    "checkpoint_every",
-    "tracker",
-    "device",
-    "allow_pickle",
-    "threads",
-)
+RESUMABLE_CHANGES = ("steps", "resume", "overwrite", "fuse", "checkpoint_every", "tracker", "device")
+RESUMABLE_CHANGES += ("allow_pickle", "threads")

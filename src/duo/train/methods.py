@@ -144,6 +144,8 @@ class DuoMethod:
             self.metrics = (*self.metrics, "adv_pref", "adv_loss")
         if cfg.lam_uncond > 0:
             self.metrics = (*self.metrics, "uncond")
+        if cfg.lam_text_retain > 0:
+            self.metrics = (*self.metrics, "text_retain")
 
     @property
     def needs_text_encoder(self) -> bool:
@@ -214,6 +216,11 @@ class DuoMethod:
             adv_ids = self.adversarial_groups(d, idx, "ids")
             live = self.live.rows(module, acc, d.use_concept, idx, retain_idx, self.adversaries, adv_ids, anchor)
             reference, policy = _reference_and_policy(fam, fam.unet, acc, latents, ts, embs, policy_embs=live)
+            if self.cfg.lam_text_retain > 0:  # the retain prompts' rows, [c ; c ; c∅ ; c_r …]: encoder against encoder
+                out = self._loss_parts(policy, reference, target, n_rows, b)
+                out["text_retain"] = per_sample_mse(live[3 * b : 4 * b], embs[3 * b : 4 * b]).mean()
+                out["loss"] = out["loss"] + self.cfg.lam_text_retain * out["text_retain"]
+                return out
         return self._loss_parts(policy, reference, target, n_rows, b)
 
     def _cached_rows(self, d: StepDraws, idx, retain_idx) -> torch.Tensor:
