@@ -209,6 +209,7 @@ class DuoMethod:
         target = torch.cat(
             [fam.training_target(x_lose0, d.noise, d.t_lose), fam.training_target(x_win0, d.noise, d.t_win)]
         )
+        live = None
         if self.live is None:  # LoRA on the UNet: one conditioning, the UNet with and without its adapters
             reference, policy = _reference_and_policy(fam, module, acc, latents, ts, embs)
         else:  # LoRA on the text encoder: one frozen UNet, conditioned by the original and the trained encoder
@@ -216,12 +217,11 @@ class DuoMethod:
             adv_ids = self.adversarial_groups(d, idx, "ids")
             live = self.live.rows(module, acc, d.use_concept, idx, retain_idx, self.adversaries, adv_ids, anchor)
             reference, policy = _reference_and_policy(fam, fam.unet, acc, latents, ts, embs, policy_embs=live)
-            if self.cfg.lam_text_retain > 0:  # the retain prompts' rows, [c ; c ; c∅ ; c_r …]: encoder against encoder
-                out = self._loss_parts(policy, reference, target, n_rows, b)
-                out["text_retain"] = per_sample_mse(live[3 * b : 4 * b], embs[3 * b : 4 * b]).mean()
-                out["loss"] = out["loss"] + self.cfg.lam_text_retain * out["text_retain"]
-                return out
-        return self._loss_parts(policy, reference, target, n_rows, b)
+        out = self._loss_parts(policy, reference, target, n_rows, b)
+        if self.cfg.lam_text_retain > 0:  # the retain prompts' rows, [c ; c ; c∅ ; c_r …]: encoder against encoder
+            out["text_retain"] = per_sample_mse(live[3 * b : 4 * b], embs[3 * b : 4 * b]).mean()
+            out["loss"] = out["loss"] + self.cfg.lam_text_retain * out["text_retain"]
+        return out
 
     def _cached_rows(self, d: StepDraws, idx, retain_idx) -> torch.Tensor:
         """Every row's conditioning as the original text encoder reads it: [c ; c ; c∅ (; c_r) (; c_adv ; c_adv)]."""
