@@ -185,7 +185,7 @@ def test_the_text_retain_term_holds_the_encoders_output_on_the_retain_prompts(ti
     plain = metrics(run(tiny_model, pairs_dir, tmp_path / "plain", **flags))
     held_dir = run(tiny_model, pairs_dir, tmp_path / "held", lam_text_retain=1e4, **flags)
     held = metrics(held_dir)
-    assert "| text-encoder retain λ | 10000.0 |" in (held_dir / "README.md").read_text()
+    assert "| keep term | noise+retain, text-encoder retain λ 10000.0 |" in (held_dir / "README.md").read_text()
     assert "text_retain" not in plain[0] and held[0]["text_retain"] == pytest.approx(0.0, abs=1e-12)
     assert held[0]["loss"] == pytest.approx(plain[0]["loss"], abs=1e-6)  # the same first step: LoRA B is zero
     assert held[1]["text_retain"] > 0 and held[1]["loss"] != pytest.approx(plain[1]["loss"], abs=1e-6)

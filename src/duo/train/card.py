@@ -122,13 +122,12 @@ def write_model_card(out: Path, cfg, pairs, family=None) -> None:
                 ("β", c.beta),
                 ("λ", c.resolved_lam),
                 ("conditioning", c.conditioning),
-                ("keep term", c.keep),
+                ("keep term", c.keep + (f", text-encoder retain λ {c.lam_text_retain}" if c.lam_text_retain else "")),
                 ("timesteps", c.timesteps),
                 ("LoRA on", "text encoder" if c.lora_on == "text-encoder" else "UNet"),
                 ("unconditional anchor λ_u", c.lam_uncond),
                 ("adversary", _adversary(c)),
             ]
-            specific += [("text-encoder retain λ", c.lam_text_retain)] if c.lam_text_retain else []
         elif c.method == "advunlearn":
             specific += [("η", c.negative_guidance), ("retain weight", c.retain_weight)]
             specific += [("attack", f"{c.attack_tokens} token(s), {c.attack_steps} steps every {c.attack_every}")]

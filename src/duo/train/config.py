@@ -367,7 +367,8 @@ def _duo_checks(c: TrainConfig) -> list[tuple[bool, str]]:
             c.keep == "noise+retain" or (c.lam_retain is None and c.retain_prompts == "safe" and not c.lam_text_retain),
             "--lam-retain, --lam-text-retain and --retain-prompts only apply with --keep noise+retain",
         ),
-        (c.lam_uncond >= 0 and c.lam_text_retain >= 0, "--lam-uncond and --lam-text-retain must be ≥ 0"),
+        (c.lam_uncond >= 0, "--lam-uncond must be ≥ 0"),
+        (c.lam_text_retain >= 0, "--lam-text-retain must be ≥ 0"),
         (
             c.lam_text_retain == 0 or c.lora_on == "text-encoder",
             "--lam-text-retain holds the output of a text-encoder LoRA: add --lora-on text-encoder, or drop it",
