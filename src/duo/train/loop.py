@@ -160,22 +160,13 @@ def _restore(cfg: TrainConfig, unet, optimizer, method, accelerator, ema: LoraEm
     optimizer.load_state_dict(opt_state)
     if hasattr(method, "load_state_dict"):
         method.load_state_dict(method_state)
-    if ema is not None:
-        _restore_ema(ema, load_ema_state(ckpt), out)
+    if ema is not None:  # run.json's settings check already refused adding --ema-decay to a run mid-way
+        ema.load_state_dict(load_ema_state(ckpt) or {})
     scaler = load_scaler_state(ckpt)
     if accelerator.scaler is not None and scaler is not None:
         accelerator.scaler.load_state_dict(scaler)
     log.info("resumed from %s (step %d)", ckpt, step)
     return step
-
-
-def _restore_ema(ema: LoraEma, state: dict | None, out: Path) -> None:
-    if state is None:  # a checkpoint of a run without the average: starting one now would not be that run's
-        raise UserError(
-            f"the checkpoint in '{out}' holds no moving average: it was trained without --ema-decay. Resume it "
-            "without --ema-decay, or start a new --out."
-        )
-    ema.load_state_dict(state)
 
 
 def _check_processes(cfg: TrainConfig, accelerator) -> None:

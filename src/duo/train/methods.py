@@ -200,7 +200,7 @@ class DuoMethod:
             latents.append(fam.add_noise(x_win0, d.retain_noise, d.t_retain))
             ts.append(d.t_retain)
         n_rows = len(latents) * b  # the rows duo_loss reads; adversarial rows follow them
-        for _ in self.adversarial_groups(d, idx, "ids"):  # the same x⁻_t, x⁺_t under each inner attack's prompt
+        for _ in range(self.n_groups):  # the same x⁻_t, x⁺_t under each inner attack's prompt
             latents, ts = latents + latents[:2], ts + ts[:2]
         if self.cfg.lam_uncond > 0:  # and under c∅, for the anchor
             latents, ts = latents + latents[:2], ts + ts[:2]
@@ -237,11 +237,16 @@ class DuoMethod:
             embs += [empty, empty]
         return torch.cat(embs)
 
+    @property
+    def n_groups(self) -> int:
+        """Adversarial row groups of a forward: one per adversary, or one with --adv-pairs split."""
+        return min(len(self.adversaries), 1) if self.cfg.adv_pairs == "split" else len(self.adversaries)
+
     def adversarial_groups(self, d: StepDraws, idx, field: str) -> list[torch.Tensor]:
         """Each adversarial row group's `field` ("ids" or "emb") for the pairs `idx`: a group per adversary, or
         with --adv-pairs split one group, slot k under adversary k mod n (the batch's slots taken in turn)."""
         per = [getattr(a, field)[idx] for a in self.adversaries]
-        if self.cfg.adv_pairs == "all" or len(per) < 2:
+        if self.n_groups == len(per):
             return per
         which = d.slot.to(idx.device) % len(per)
         return [torch.stack(per)[which, torch.arange(len(idx), device=idx.device)]]
@@ -252,8 +257,7 @@ class DuoMethod:
         parts = duo_loss(policy[:n_rows], reference[:n_rows], target, b, cfg.beta, cfg.resolved_lam, lam_retain)
         out = {name: getattr(parts, name) for name in DuoMethod.metrics}
         if self.adversaries:  # each row group's 2b rows, one preference term each (metrics: their mean)
-            n_groups = (policy.shape[0] - n_rows - 2 * b * (cfg.lam_uncond > 0)) // (2 * b)
-            terms = []
+            n_groups, terms = self.n_groups, []
             for k in range(n_groups):
                 rows = slice(n_rows + 2 * b * k, n_rows + 2 * b * (k + 1))
                 lose, win = preference_deltas(policy[rows], reference[rows], target)
