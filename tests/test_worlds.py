@@ -89,6 +89,15 @@ def test_neutral_prompts_leave_the_concepts_colour_out():
     assert not any(w in p.split() for p in prompts for w in RED_WORDS)
 
 
+def test_a_shape_concepts_neutral_prompts_ask_for_every_colour_and_never_its_shape():
+    from duo.shapes.render import COLOURS, parse_prompt
+
+    prompts = world_named("shapes").neutral_prompts(load_concept("shapes-circle"), 30)
+    asked = [parse_prompt(p) for p in prompts]
+    assert len(prompts) == 30 and not any(a["shape"] == "circle" for a in asked)
+    assert {a["colour"] for a in asked} == set(COLOURS)  # red too: a circle eraser must leave red squares alone
+
+
 def test_compare_methods_are_the_worlds():
     from duo.compare import SHAPES_METHODS, Method
 

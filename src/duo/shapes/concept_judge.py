@@ -21,7 +21,7 @@ from duo.shapes.judge import HEADS, JUDGE_VERSION, classify, load_judge
 from duo.shapes.render import COLOURS, SHAPES, parse_prompt
 
 
-def _canonical(kind: str, value: str | None) -> str | None:
+def canonical(kind: str, value: str | None) -> str | None:
     if value is None:
         return None
     v = str(value).strip().lower()
@@ -62,8 +62,8 @@ class ShapesJudge:
                 "it takes colour, shape, threshold, weights."
             )
         colour = colour if colour is not None else color
-        self.colour = _canonical("colour", colour)
-        self.shape = _canonical("shape", shape)
+        self.colour = canonical("colour", colour)
+        self.shape = canonical("shape", shape)
         if self.colour is None and self.shape is None:
             raise UserError(
                 "The shapes judge needs a target: set judge_options to e.g. {colour: red} or {shape: circle}."

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from duo.metrics import feature_preservation
 from duo.shapes.judge import classify, features
-from duo.shapes.render import COLOURS, colour_prompts, parse_prompt
+from duo.shapes.render import COLOURS, SHAPES, colour_prompts, parse_prompt
 
 
 def concept_prompts(colour: str, n: int) -> list[str]:
@@ -12,11 +12,13 @@ def concept_prompts(colour: str, n: int) -> list[str]:
     return colour_prompts(colour, n, seed=4321)
 
 
-def other_prompts(colour: str, n: int) -> list[str]:
-    """Prompts for every other colour, the same number each: what must not change."""
+def other_prompts(colour: str | None, n: int, shape: str | None = None) -> list[str]:
+    """What must not change: prompts for every colour but `colour` (the same number each), of every shape but
+    `shape`. A shape concept's neutral prompts must not ask for the shape, or its erasure counts as damage."""
     others = [c for c in COLOURS if c != colour]
+    shapes = [s for s in SHAPES if s != shape]
     per = max(1, n // len(others))
-    return [p for i, c in enumerate(others) for p in colour_prompts(c, per, seed=99 + i)]
+    return [p for i, c in enumerate(others) for p in colour_prompts(c, per, seed=99 + i, shapes=shapes)]
 
 
 def attribute_accuracy(images, prompts: list[str]) -> dict:

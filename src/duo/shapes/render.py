@@ -217,14 +217,14 @@ def heldout_prompts(n: int = 200, seed: int = 1234) -> list[str]:
     return out
 
 
-def colour_prompts(colour: str, n: int = 200, seed: int = 4321) -> list[str]:
-    """n prompts asking for `colour` (all its synonyms, all shapes and backgrounds)."""
+def colour_prompts(colour: str, n: int = 200, seed: int = 4321, shapes: list[str] | None = None) -> list[str]:
+    """n prompts asking for `colour` (all its synonyms, every shape of `shapes` (default all), all backgrounds)."""
     rng = np.random.default_rng(seed)
-    words = COLOURS[colour]
+    words, shapes = COLOURS[colour], shapes or SHAPES
     return [
         caption_for(
             words[i % len(words)],
-            SHAPES[int(rng.integers(len(SHAPES)))],
+            shapes[int(rng.integers(len(shapes)))],
             BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))],
         )
         for i in range(n)

@@ -22,11 +22,14 @@ def _features(weights: str | None = None):
 
 
 def _neutral_prompts(concept, n: int) -> list[str]:
+    from duo.shapes.concept_judge import canonical
     from duo.shapes.evaluation import other_prompts
 
-    # a colour concept must leave every other colour alone; concepts without a colour keep red's prompts
-    colour = (getattr(concept, "judge_options", None) or {}).get("colour", "red")
-    return other_prompts(colour, n)[:n]
+    # a colour concept must leave every other colour alone, a shape concept every other shape (in every colour);
+    # a concept that names neither keeps red's prompts
+    options = getattr(concept, "judge_options", None) or {}
+    colour, shape = canonical("colour", options.get("colour")), canonical("shape", options.get("shape"))
+    return other_prompts(colour if colour or shape else "red", n, shape)[:n]
 
 
 def _alignment(images, prompts: list[str]) -> dict:
