@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train_tiny import assert_same_weights, lora_weights
+from test_train_tiny import assert_same_weights, lora_weights, trained_in_halves
 
 from duo.cli.main import main
 from duo.errors import UserError
@@ -141,10 +141,7 @@ def test_policy_rows_are_encoded_live_and_reference_rows_by_the_original_encoder
 def test_resume_is_exact_with_the_inner_attack(tiny_model, pairs_dir, tmp_path):
     # steps 3 and 6 are checkpoints; rounds at steps 0, 2, 4 put the resume between two rounds.
     flags = dict(checkpoint_every=3, **ADV, **TE)
-    straight = run(tiny_model, pairs_dir, tmp_path / "straight", steps=6, **flags)
-    half = tmp_path / "halves"
-    run(tiny_model, pairs_dir, half, steps=3, **flags)
-    run(tiny_model, pairs_dir, half, steps=6, resume=True, **flags)
+    straight, half = trained_in_halves(tiny_model, pairs_dir, tmp_path, 6, **flags)
     assert (half / LORA_FILE).read_bytes() == (straight / LORA_FILE).read_bytes()
     assert_same_weights(lora_weights(straight), lora_weights(half))
     assert [m["adv_loss"] for m in metrics(straight)] == [m["adv_loss"] for m in metrics(half)]

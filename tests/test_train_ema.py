@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train_tiny import assert_same_weights, lora_weights
+from test_train_tiny import assert_same_weights, lora_weights, trained_in_halves
 
 from duo.cli.main import main
 from duo.models.lora import ADAPTER
@@ -48,10 +48,7 @@ def test_the_saved_lora_is_the_average_of_the_steps_and_training_is_unchanged(ti
 
 def test_resume_continues_the_average_exactly(tiny_model, pairs_dir, tmp_path):
     flags = dict(checkpoint_every=2, ema_decay=DECAY)
-    straight = run(tiny_model, pairs_dir, tmp_path / "straight", steps=4, **flags)
-    half = tmp_path / "halves"
-    run(tiny_model, pairs_dir, half, steps=2, **flags)
-    run(tiny_model, pairs_dir, half, steps=4, resume=True, **flags)
+    straight, half = trained_in_halves(tiny_model, pairs_dir, tmp_path, 4, **flags)
     assert_same_weights(lora_weights(straight), lora_weights(half))
 
 

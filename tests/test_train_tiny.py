@@ -22,6 +22,15 @@ def lora_weights(folder):
     return load_file(Path(folder) / LORA_FILE)
 
 
+def trained_in_halves(model, data, tmp_path, steps: int, **flags):
+    """(straight, halves): one run in one go, and the same run stopped at its first checkpoint and resumed."""
+    straight = run_train(model, data, tmp_path / "straight", steps=steps, **flags)
+    half = tmp_path / "halves"
+    run_train(model, data, half, steps=flags["checkpoint_every"], **flags)
+    run_train(model, data, half, steps=steps, resume=True, **flags)
+    return straight, half
+
+
 def assert_same_weights(a, b, atol=0.0):
     assert a.keys() == b.keys()
     for k in a:
@@ -50,10 +59,7 @@ def test_plain_diffusers_loads_the_lora_and_output_changes(tiny_model, pairs_dir
 
 
 def test_resume_gives_identical_weights(tiny_model, pairs_dir, tmp_path):
-    straight = run_train(tiny_model, pairs_dir, tmp_path / "straight", steps=6, checkpoint_every=3)
-    half = tmp_path / "halves"
-    run_train(tiny_model, pairs_dir, half, steps=3, checkpoint_every=3)
-    run_train(tiny_model, pairs_dir, half, steps=6, checkpoint_every=3, resume=True)
+    straight, half = trained_in_halves(tiny_model, pairs_dir, tmp_path, 6, checkpoint_every=3)
     assert_same_weights(lora_weights(straight), lora_weights(half))
     losses = [json.loads(x)["loss"] for x in (half / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 6

@@ -80,16 +80,36 @@ def lora_scale(module: torch.nn.Module) -> float:
     return float(config.lora_alpha) / float(config.r) if config is not None else 1.0
 
 
+class LoraModules(torch.nn.ModuleDict):
+    """Several modules whose LoRAs train as one (DUO `--lora-on both`: the UNet and the text encoder). Their
+    states merge into one dict keyed as each module names its layers (the names are disjoint), the form a
+    family's save_lora splits between its components; the parameters and the switch-off cover all of them."""
+
+
+def _parts(module: torch.nn.Module) -> list[torch.nn.Module]:
+    return list(module.values()) if isinstance(module, LoraModules) else [module]
+
+
 def get_lora_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     from peft.utils import get_peft_model_state_dict
 
-    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(module, adapter_name=ADAPTER).items()}
+    return {
+        k: v.detach().clone()
+        for part in _parts(module)
+        for k, v in get_peft_model_state_dict(part, adapter_name=ADAPTER).items()
+    }
 
 
 def set_lora_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     from peft.utils import set_peft_model_state_dict
 
-    result = set_peft_model_state_dict(module, state, adapter_name=ADAPTER)
-    unexpected = getattr(result, "unexpected_keys", None)
-    if unexpected:
-        raise ValueError(f"LoRA state does not fit this {type(module).__name__}: unexpected keys {unexpected[:3]}")
+    parts, left = _parts(module), dict(state)
+    for part in parts:
+        names = set(dict(part.named_modules())) if len(parts) > 1 else None
+        own = {k: left.pop(k) for k in list(left) if names is None or k.split(".lora_")[0] in names}
+        result = set_peft_model_state_dict(part, own, adapter_name=ADAPTER)
+        unexpected = getattr(result, "unexpected_keys", None)
+        if unexpected:
+            raise ValueError(f"LoRA state does not fit this {type(part).__name__}: unexpected keys {unexpected[:3]}")
+    if left:
+        raise ValueError(f"LoRA state does not fit these modules: unexpected keys {list(left)[:3]}")

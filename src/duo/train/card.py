@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from duo.data.files import atomic_write_text
+from duo.train.placement import targets_for
 
 METHOD_NAMES = {
     "duo": "DUO (Park et al., NeurIPS 2024)",
@@ -86,11 +87,16 @@ def _adversary(c) -> str:
 
 
 def _targets(c, family) -> str:
-    if c.targets:
-        return f"`{c.targets}`"
+    return " and ".join(_module_targets(c, family, m) for m in c.lora_modules)
+
+
+def _module_targets(c, family, module: str) -> str:
+    own = targets_for(c.targets, c.lora_modules, module)
+    if own:
+        return f"`{own}`"
     if family is None:
         return "the method default"
-    return f"`{family.lora_targets(c.method, c.lora_module)}` (the model family's default)"
+    return f"`{family.lora_targets(c.method, module)}` (the model family's default)"
 
 
 def _data_rows(pairs) -> list[tuple[str, object]]:
@@ -124,7 +130,7 @@ def write_model_card(out: Path, cfg, pairs, family=None) -> None:
                 ("conditioning", c.conditioning),
                 ("keep term", c.keep + (f", text-encoder retain λ {c.lam_text_retain}" if c.lam_text_retain else "")),
                 ("timesteps", c.timesteps),
-                ("LoRA on", "text encoder" if c.lora_on == "text-encoder" else "UNet"),
+                ("LoRA on", {"text-encoder": "text encoder", "both": "UNet and text encoder"}.get(c.lora_on, "UNet")),
                 ("unconditional anchor λ_u", c.lam_uncond),
                 ("adversary", _adversary(c)),
             ]

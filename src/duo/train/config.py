@@ -19,9 +19,7 @@ from dataclasses import dataclass, field, fields
 from duo.errors import UserError
 from duo.train.adversary_checks import adversary_checks
 from duo.train.advunlearn_config import AdvUnlearnConfig, advunlearn_checks
-
-# DUO's `--lora-on` values and the module each names (MethodSpec.module's values).
-LORA_PLACEMENTS = {"unet": "unet", "text-encoder": "text_encoder"}
+from duo.train.placement import LORA_PLACEMENTS
 
 
 def _f(default, help: str, **kw):
@@ -73,9 +71,10 @@ class DuoConfig:
     )
     lora_on: str = _f(
         "unet",
-        "where the LoRA sits: unet (authors; --targets default self-attention) or text-encoder (the first encoder, "
-        "read by the frozen UNet; default targets its attention and feed-forward, as AdvUnlearn's). A concept file's "
-        "`targets:` belong to its own placement (the UNet unless it sets lora_on): dropped when --lora-on moves it",
+        "where the LoRA sits: unet (authors; --targets default self-attention), text-encoder (the first encoder, "
+        "read by the frozen UNet; default targets its attention and feed-forward, as AdvUnlearn's) or both (one "
+        "process; --targets then names the UNet's). A concept file's `targets:` belong to its own placement (the "
+        "UNet unless it sets lora_on): dropped when --lora-on moves them",
         choices=list(LORA_PLACEMENTS),
     )
     adversarial: str = _f(
@@ -288,9 +287,13 @@ class TrainConfig(AdvUnlearnConfig, UceConfig, EsdConfig, DuoConfig, LoopConfig,
         return METHODS[self.method]
 
     @property
+    def lora_modules(self) -> tuple[str, ...]:
+        """Where the trained LoRA sits: the method's module, or for DUO the one(s) --lora-on names."""
+        return LORA_PLACEMENTS[self.lora_on] if self.method == "duo" else (self.spec.module,)
+
+    @property
     def lora_module(self) -> str:
-        """Where the trained LoRA sits: the method's module, or for DUO the one --lora-on names."""
-        return LORA_PLACEMENTS[self.lora_on] if self.method == "duo" else self.spec.module
+        return "+".join(self.lora_modules)
 
     @property
     def resolved_lr(self) -> float:
@@ -370,7 +373,7 @@ def _duo_checks(c: TrainConfig) -> list[tuple[bool, str]]:
         (c.lam_uncond >= 0, "--lam-uncond must be ≥ 0"),
         (c.lam_text_retain >= 0, "--lam-text-retain must be ≥ 0"),
         (
-            c.lam_text_retain == 0 or c.lora_on == "text-encoder",
+            c.lam_text_retain == 0 or "text_encoder" in c.lora_modules,
             "--lam-text-retain holds the output of a text-encoder LoRA: add --lora-on text-encoder, or drop it",
         ),
         (

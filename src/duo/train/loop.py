@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from duo.data.files import append_jsonl, atomic_write_text, read_jsonl
 from duo.data.pairs import PairSet, load_pair_sets
 from duo.errors import UserError
-from duo.models.lora import attach_lora, get_lora_state, lora_parameters, set_lora_state
+from duo.models.lora import LoraModules, attach_lora, get_lora_state, lora_parameters, set_lora_state
 from duo.runs import RunFolder
 from duo.train.checkpoint import (
     latest_checkpoint,
@@ -46,6 +46,7 @@ from duo.train.outputs import (
     write_config,
     write_lora_folder,
 )
+from duo.train.placement import targets_for
 
 log = logging.getLogger(__name__)
 # LORA_FILE lives in duo.train.outputs; it stays importable here for callers written before that module.
@@ -62,7 +63,7 @@ class TrainState:
     accelerator: object
     family: object
     method: object  # a duo.train.methods method: draw(step, G) and micro_loss(unet, acc, draws)
-    unet: torch.nn.Module  # the trained module (UNet, or text encoder: cfg.lora_module) as prepared by accelerate
+    unet: torch.nn.Module  # the trained module(s) (cfg.lora_modules; LoraModules for both) as accelerate prepared
     optimizer: torch.optim.Optimizer
     params: list[torch.nn.Parameter]
     start: int  # the first step to run: 0, or that of the restored checkpoint
@@ -98,9 +99,7 @@ def setup(cfg: TrainConfig, make=make_method) -> TrainState:
     family = load_family(cfg.model, dtype=weight_dtype, device=str(accelerator.device), allow_pickle=cfg.allow_pickle)
     check_method(cfg, family, pairs)
     torch.manual_seed(cfg.seed)
-    # where the method's LoRA sits: the UNet, or (AdvUnlearn, DUO --lora-on text-encoder) the text encoder
-    module = family.text_encoders[0] if cfg.lora_module == "text_encoder" else family.unet
-    _attach(cfg, family, module)
+    module = _attach(cfg, family, accelerator)
     method = make(cfg, family, pairs, accelerator.device)
     if not getattr(method, "needs_text_encoder", False):
         family.offload_encoders()  # only the UNet is needed from here on
@@ -121,11 +120,21 @@ def setup(cfg: TrainConfig, make=make_method) -> TrainState:
     return TrainState(cfg, pairs, folder, accelerator, family, method, unet, optimizer, params, start, ema)
 
 
-def _attach(cfg: TrainConfig, family, module: torch.nn.Module) -> None:
-    try:
-        attach_lora(module, cfg.rank, cfg.alpha, cfg.targets or family.lora_targets(cfg.method, cfg.lora_module))
-    except ValueError as exc:  # a --targets regex written for the other module (UNet vs text encoder)
-        raise UserError(f"{str(exc).rstrip('.')}. Fix --targets, or drop it for the method's default layers.") from exc
+def _attach(cfg: TrainConfig, family, accelerator) -> torch.nn.Module:
+    """The LoRA on where the method's sits: the UNet, the text encoder (AdvUnlearn, DUO --lora-on text-encoder),
+    or both (one LoraModules; --targets then names the UNet's layers, the encoder takes its default)."""
+    names = cfg.lora_modules
+    if len(names) > 1 and accelerator.num_processes > 1:
+        raise UserError("--lora-on both trains on one process; launch it without accelerate's processes.")
+    modules = {n: family.text_encoders[0] if n == "text_encoder" else family.unet for n in names}
+    for name, module in modules.items():
+        own = targets_for(cfg.targets, names, name) or family.lora_targets(cfg.method, name)
+        try:
+            attach_lora(module, cfg.rank, cfg.alpha, own)
+        except ValueError as exc:  # a --targets regex written for the other module (UNet vs text encoder)
+            fix = "Fix --targets, or drop it for the method's default layers."
+            raise UserError(f"{str(exc).rstrip('.')}. {fix}") from exc
+    return LoraModules(modules) if len(modules) > 1 else modules[names[0]]
 
 
 def _accelerator(cfg: TrainConfig):

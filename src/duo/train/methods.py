@@ -14,7 +14,7 @@ import torch
 
 from duo.data.pairs import PairSet
 from duo.errors import UserError
-from duo.models.lora import adapters_disabled
+from duo.models.lora import LoraModules, adapters_disabled
 from duo.objectives import duo_loss, esd_loss, per_sample_mse, preference_deltas, preference_loss
 from duo.train.adversary import Adversary
 from duo.train.advunlearn import AdvUnlearnMethod
@@ -119,7 +119,8 @@ class DuoMethod:
 
     With `--lora-on text-encoder` the UNet is frozen and carries no LoRA: ε_θ is the UNet conditioned through the
     text encoder with its LoRA (encoded live, `LiveText`), ε_ref the same UNet conditioned through the original
-    encoder (the cache). The loss is the same duo_loss over the same rows.
+    encoder (the cache). The loss is the same duo_loss over the same rows. With `--lora-on both` the policy's UNet
+    carries a LoRA as well (trained by the same loss), switched off for the reference.
     """
 
     metrics = ("loss", "pref", "keep", "retain", "delta_win", "delta_lose", "accuracy")
@@ -134,7 +135,7 @@ class DuoMethod:
         self.t_range = self.timestep_range(cfg, family, pairs)
         self.cache = build_cache(family, pairs, cfg, device)  # the reference's conditioning in both placements
         # LoRA on the text encoder: the policy reads prompts through it, encoded live
-        self.live = LiveText(family, pairs, cfg, device) if cfg.lora_module == "text_encoder" else None
+        self.live = LiveText(family, pairs, cfg, device) if "text_encoder" in cfg.lora_modules else None
         c = self.cache
         self.adversaries = [
             Adversary(cfg, family, pairs, c.mean[:, 0], c.std[:, 0], device, kind, number)
@@ -212,10 +213,12 @@ class DuoMethod:
         live = None
         if self.live is None:  # LoRA on the UNet: one conditioning, the UNet with and without its adapters
             reference, policy = _reference_and_policy(fam, module, acc, latents, ts, embs)
-        else:  # LoRA on the text encoder: one frozen UNet, conditioned by the original and the trained encoder
+        else:  # LoRA on the text encoder: the UNet conditioned by the original and the trained encoder (with
+            # --lora-on both the policy's UNet carries its LoRA too, the reference's is switched off)
             anchor = self.cfg.lam_uncond > 0
             adv_ids = self.adversarial_groups(d, idx, "ids")
-            live = self.live.rows(module, acc, d.use_concept, idx, retain_idx, self.adversaries, adv_ids, anchor)
+            encoder = module["text_encoder"] if isinstance(module, LoraModules) else module
+            live = self.live.rows(encoder, acc, d.use_concept, idx, retain_idx, self.adversaries, adv_ids, anchor)
             reference, policy = _reference_and_policy(fam, fam.unet, acc, latents, ts, embs, policy_embs=live)
         out = self._loss_parts(policy, reference, target, n_rows, b)
         if self.cfg.lam_text_retain > 0:  # the retain prompts' rows, [c ; c ; c∅ ; c_r …]: encoder against encoder
