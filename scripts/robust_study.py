@@ -91,6 +91,8 @@ VARIANTS = {
     "DUO-adv ema995": {**DUO_ADV, "ema_decay": 0.995},
     # the LoRA on the UNet (the concept's targets) and the text encoder, trained by the same loss
     "DUO-adv both": {**DUO_ADV, "lora_on": "both"},
+    # Concept Inversion's placement in place of the real-token adversary (the text encoder held token attacks alone)
+    "DUO-adv ci+soft split": {**DUO_ADV, "adversarial": "concept-inversion+soft-prompt"},
     "AdvUnlearn": ADVUNLEARN,  # the robust anchor to beat: the compare row's settings
 }
 ATTACKS = {

@@ -13,7 +13,7 @@ def add_parser(sub) -> None:
     parser = sub.add_parser(
         "train",
         help="train the unlearning LoRA with the DUO objective (or a baseline: --method)",
-        description="Train a LoRA on the UNet (or, --lora-on text-encoder, on the text encoder) with DUO: "
+        description="Train a LoRA on the UNet (or, with --lora-on, on the text encoder or on both) with DUO: "
         "L = −log σ(−β[Δ(x⁺) − Δ(x⁻)]) + λ‖ε_θ(x_T) − ε_ref(x_T)‖². "
         "Defaults are the authors' (SPEC §3), then the concept file's `train:` section (DUO only), then your "
         "flags. The flags of a method other than --method's are refused. "
