@@ -72,3 +72,15 @@ def test_targets_name_the_unets_layers_and_one_process_is_required(tiny_model):
     assert all(".attn2.to_k." in n for n in names if n.startswith("unet."))  # the UNet's layers from --targets
     with pytest.raises(UserError, match="one process"):
         _attach(cfg, load_family(tiny_model), SimpleNamespace(num_processes=2))
+
+
+def test_compile_wraps_both_halves(tiny_model, pairs_dir, tmp_path, monkeypatch):
+    compiled = []
+
+    def recording_compile(fn, **kwargs):  # stands in for inductor: the same function, its owner noted
+        compiled.append(type(fn.__self__).__name__)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    run(tiny_model, pairs_dir, tmp_path / "c", steps=1, compile=True, **BOTH)
+    assert sorted(compiled) == ["CLIPTextModel", "UNet2DConditionModel"]

@@ -105,8 +105,9 @@ def setup(cfg: TrainConfig, make=make_method) -> TrainState:
         family.offload_encoders()  # only the UNet is needed from here on
     _start(folder, cfg, accelerator)
     params = lora_parameters(module)
-    if cfg.compile:  # the bound forward, so that the policy, the unwrapped reference and DDP's call all use it
-        module.forward = torch.compile(module.forward)
+    parts = list(module.values()) if isinstance(module, LoraModules) else [module]
+    for part in parts if cfg.compile else []:  # the bound forward: the policy, the reference and DDP all call it
+        part.forward = torch.compile(part.forward)
     optimizer = torch.optim.AdamW(
         params, lr=cfg.resolved_lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay
     )
