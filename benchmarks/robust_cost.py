@@ -10,7 +10,9 @@ is the pairs' concept preset (shapes-red), DUO-adv the preset plus make compare'
 10 vectors, the unconditional anchor, a text-encoder LoRA, its weights averaged), "DUO-adv te all" the row before
 it (every pair under both adversaries, 20 steps every 20, 5 vectors), "DUO-adv unet" the study's first finalist
 (soft-prompt adversary and anchor on the UNet), the soft+ud variants those of docs/robust_duo.md's two-adversary
-rows on the UNet (rounds taking turns, or both refreshed every round, `--adv-rounds all`), so start-up,
+rows on the UNet (rounds taking turns, or both refreshed every round, `--adv-rounds all`), "DUO-adv both" and
+"DUO-adv 1000 steps" two of the circle levers of 2026-12-08 (DUO-adv with a UNet LoRA beside the encoder's;
+twice the steps and rounds), so start-up,
 encoding caches and checkpointing are in both. Rounds alternate the order (A B, B A, ...) because these
 machines drift by ±20 % within minutes; one runs while the other is idle. Reported: each variant's median
 wall seconds and the median of the per-round ratios DUO-adv / DUO (the issue's target: ≤ 3×).
@@ -38,6 +40,9 @@ VARIANTS = {
     "DUO-adv soft+ud all": {**BOTH, "adv_rounds": "all"},
     # the same inner-attack steps in half as many, stronger rounds (docs/robust_duo.md, 20 every 20)
     "DUO-adv soft+ud all s20e20": {**BOTH, "adv_rounds": "all", "adv_steps": 20, "adv_every": 20},
+    # stop 28's circle levers: a UNet LoRA beside the encoder's; twice the steps (and so twice the rounds)
+    "DUO-adv both": {**DUO_ADV, "lora_on": "both"},
+    "DUO-adv 1000 steps": {**DUO_ADV, "steps": 1000},
 }
 
 
