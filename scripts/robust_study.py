@@ -85,10 +85,9 @@ VARIANTS = {
     # the text encoder's own output held on the retain prompts (circles: the other shapes' words moved)
     "DUO-adv te text-retain 1e3": {**DUO_ADV, "lam_text_retain": 1e3},
     "DUO-adv te text-retain 1e4": {**DUO_ADV, "lam_text_retain": 1e4},
-    # circle levers (stop 28): more of the same game — twice the steps, a fresher adversary, a slower average
+    # circle levers (stop 28, docs/robust_duo.md): twice the steps (and rounds, or the same rounds), a slower average
     "DUO-adv 1000 steps": {**DUO_ADV, "steps": 1000},
     "DUO-adv 1000 steps every 40": {**DUO_ADV, "steps": 1000, "adv_every": 40},  # the same rounds as DUO-adv
-    "DUO-adv every 10": {**DUO_ADV, "adv_every": 10},
     "DUO-adv ema995": {**DUO_ADV, "ema_decay": 0.995},
     # the LoRA on the UNet (the concept's targets) and the text encoder, trained by the same loss
     "DUO-adv both": {**DUO_ADV, "lora_on": "both"},

@@ -122,8 +122,9 @@ def setup(cfg: TrainConfig, make=make_method) -> TrainState:
 
 
 def _attach(cfg: TrainConfig, family, accelerator) -> torch.nn.Module:
-    """The LoRA on where the method's sits: the UNet, the text encoder (AdvUnlearn, DUO --lora-on text-encoder),
-    or both (one LoraModules; --targets then names the UNet's layers, the encoder takes its default)."""
+    """Attach the method's LoRA where it sits and return the trained module: the UNet, the text encoder
+    (AdvUnlearn, DUO --lora-on text-encoder), or both as one LoraModules (--targets then names the UNet's layers,
+    the encoder takes its default)."""
     names = cfg.lora_modules
     if len(names) > 1 and accelerator.num_processes > 1:
         raise UserError("--lora-on both trains on one process; launch it without accelerate's processes.")
