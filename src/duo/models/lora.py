@@ -86,7 +86,8 @@ class LoraModules(torch.nn.ModuleDict):
     family's save_lora splits between its components; the parameters and the switch-off cover all of them."""
 
 
-def _parts(module: torch.nn.Module) -> list[torch.nn.Module]:
+def lora_parts(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules a trained module stands for: a LoraModules' members, else the module itself."""
     return list(module.values()) if isinstance(module, LoraModules) else [module]
 
 
@@ -95,7 +96,7 @@ def get_lora_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
     return {
         k: v.detach().clone()
-        for part in _parts(module)
+        for part in lora_parts(module)
         for k, v in get_peft_model_state_dict(part, adapter_name=ADAPTER).items()
     }
 
@@ -103,7 +104,7 @@ def get_lora_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def set_lora_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     from peft.utils import set_peft_model_state_dict
 
-    parts, left = _parts(module), dict(state)
+    parts, left = lora_parts(module), dict(state)
     for part in parts:
         names = set(dict(part.named_modules())) if len(parts) > 1 else None
         own = {k: left.pop(k) for k in list(left) if names is None or k.split(".lora_")[0] in names}

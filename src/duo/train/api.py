@@ -17,7 +17,7 @@ from duo.data.pairs import require_pairs
 from duo.errors import UserError
 from duo.train.config import TrainConfig
 from duo.train.outputs import LORA_FILE
-from duo.train.placement import targeted_module
+from duo.train.placement import LORA_PLACEMENTS, targeted_module
 
 __all__ = ["LORA_FILE", "RECIPES", "resolve_config", "train", "train_from_flags"]
 
@@ -48,7 +48,7 @@ def config_with_concept_defaults(explicit: dict, concept_train: dict) -> TrainCo
         concept_train = {}
     own = concept_train.get("lora_on", "unet")
     # its targets name layers of the module its placement targets (the UNet for unet and both)
-    if targeted_module(explicit.get("lora_on", own)) != targeted_module(own):
+    if targeted_module(LORA_PLACEMENTS[explicit.get("lora_on", own)]) != targeted_module(LORA_PLACEMENTS[own]):
         concept_train = {k: v for k, v in concept_train.items() if k != "targets"}
     if explicit.get("adversarial") == "none":  # the inner attack's knobs go with it
         concept_train = {k: v for k, v in concept_train.items() if not k.startswith("adv")}

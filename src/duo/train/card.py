@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from duo.data.files import atomic_write_text
-from duo.train.placement import targets_for
+from duo.train.placement import PLACEMENT_LABELS, targets_for
 
 METHOD_NAMES = {
     "duo": "DUO (Park et al., NeurIPS 2024)",
@@ -130,7 +130,7 @@ def write_model_card(out: Path, cfg, pairs, family=None) -> None:
                 ("conditioning", c.conditioning),
                 ("keep term", c.keep + (f", text-encoder retain λ {c.lam_text_retain}" if c.lam_text_retain else "")),
                 ("timesteps", c.timesteps),
-                ("LoRA on", {"text-encoder": "text encoder", "both": "UNet and text encoder"}.get(c.lora_on, "UNet")),
+                ("LoRA on", PLACEMENT_LABELS[c.lora_on]),
                 ("unconditional anchor λ_u", c.lam_uncond),
                 ("adversary", _adversary(c)),
             ]

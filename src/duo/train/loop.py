@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from duo.data.files import append_jsonl, atomic_write_text, read_jsonl
 from duo.data.pairs import PairSet, load_pair_sets
 from duo.errors import UserError
-from duo.models.lora import LoraModules, attach_lora, get_lora_state, lora_parameters, set_lora_state
+from duo.models.lora import LoraModules, attach_lora, get_lora_state, lora_parameters, lora_parts, set_lora_state
 from duo.runs import RunFolder
 from duo.train.checkpoint import (
     latest_checkpoint,
@@ -105,8 +105,7 @@ def setup(cfg: TrainConfig, make=make_method) -> TrainState:
         family.offload_encoders()  # only the UNet is needed from here on
     _start(folder, cfg, accelerator)
     params = lora_parameters(module)
-    parts = list(module.values()) if isinstance(module, LoraModules) else [module]
-    for part in parts if cfg.compile else []:  # the bound forward: the policy, the reference and DDP all call it
+    for part in lora_parts(module) if cfg.compile else []:  # the bound forward, which every caller uses
         part.forward = torch.compile(part.forward)
     optimizer = torch.optim.AdamW(
         params, lr=cfg.resolved_lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay
